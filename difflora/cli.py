@@ -1,0 +1,45 @@
+"""The ``difflora`` console command: one subcommand per job.
+
+Each subcommand lives in the module that owns the job and exposes ``main(argv)``; this file only
+dispatches, so importing it stays cheap and ``difflora --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from difflora.errors import exit_on_user_error
+
+# name -> (module path, one-line description)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "make-tiny-model": ("difflora.tiny_models", "write a tiny offline Stable Diffusion (+ CLIP) folder"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: difflora <command> [options]", "", "commands:"]
+    width = max(len(n) for n in SUBCOMMANDS)
+    for name, (_, desc) in SUBCOMMANDS.items():
+        lines.append(f"  {name.ljust(width)}  {desc}")
+    lines.append("")
+    lines.append("Run 'difflora <command> --help' for the options of one command.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        raise SystemExit(0 if argv else 2)
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"difflora: error: unknown command '{name}'; valid commands: {', '.join(SUBCOMMANDS)}",
+              file=sys.stderr)
+        raise SystemExit(2)
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    exit_on_user_error(lambda: module.main(rest), prog=f"difflora {name}")
+
+
+if __name__ == "__main__":
+    main()
