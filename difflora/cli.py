@@ -13,7 +13,15 @@ from difflora.errors import exit_on_user_error
 
 # name -> (module path, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "dreambooth": ("difflora.train.dreambooth", "train a DreamBooth LoRA (SD 1.x / 2.x / SDXL)"),
+    "sample": ("difflora.sampling", "sample a base model with LoRAs into images, a grid and a manifest"),
+    "eval": ("difflora.evaluation", "score images: CLIP-T, CLIP-I, DINO"),
+    "sweep": ("difflora.sweep", "train, sample and score over optimizers x learning rates x seeds"),
+    "edlora": ("difflora.mix_of_show.edlora", "Mix-of-Show: train one ED-LoRA concept"),
+    "fuse": ("difflora.mix_of_show.fuse", "Mix-of-Show: fuse many concepts into one model"),
+    "sample-regions": ("difflora.mix_of_show.regions", "Mix-of-Show: regionally controlled sampling"),
     "make-tiny-model": ("difflora.tiny_models", "write a tiny offline Stable Diffusion (+ CLIP) folder"),
+    "demo": ("difflora.demo", "the README's main job: train the shipped concept, write samples"),
 }
 
 
