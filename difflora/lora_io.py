@@ -573,8 +573,9 @@ def apply_loras(pipe: Any, loras: list[tuple[str | os.PathLike, float]]) -> list
     prepared = []
     for path, weight in loras:
         state, fmt, header, file = _read(path)
-        layers = lora_deltas(state, names_in_pipe, metadata=header)
-        check_fits(layers, pipe, source=f"LoRA '{file}'")
+        sgm = fmt == "kohya" and any(b in k for k in state for b in ("input_blocks", "output_blocks"))
+        if not sgm:  # original-UNet (SGM) block names: diffusers renames them itself, so trust it
+            check_fits(lora_deltas(state, names_in_pipe, metadata=header), pipe, source=f"LoRA '{file}'")
         prepared.append((file, fmt, float(weight)))
 
     taken = set()
