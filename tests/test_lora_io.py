@@ -272,3 +272,17 @@ def test_kohya_names_split_back():
     assert kohya_name_to_path("text_model_encoder_layers_11_self_attn_out_proj") == (
         "text_model.encoder.layers.11.self_attn.out_proj")
     assert kohya_name_to_path("mid_block_resnets_0_time_emb_proj") == "mid_block.resnets.0.time_emb_proj"
+
+
+def test_rslora_scale_survives_both_formats(tiny_sd, tmp_path):
+    pipe = _load(tiny_sd)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["to_q", "to_v"]))
+    _perturb(pipe.unet, 3)
+    trained = _outputs(pipe)
+    save_lora(tmp_path, pipe.unet, kohya=True)
+    layer = lora_deltas(tmp_path)["unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"]
+    assert layer.scale == pytest.approx(8 / 2)  # alpha / sqrt(r), not alpha / r
+    for weight_name in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME):
+        fresh = _load(tiny_sd)
+        fresh.load_lora_weights(tmp_path, weight_name=weight_name)
+        _assert_same(_outputs(fresh), trained)
