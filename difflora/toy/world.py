@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -83,7 +83,6 @@ class Scene:
     objects: tuple[Shape, ...]
     background: str
     relation: str | None = None  # between objects[0] and objects[1]
-    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def caption(self) -> str:
