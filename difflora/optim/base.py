@@ -1,0 +1,127 @@
+"""What ScaledAdamW and ScaledSGD share: named parameter groups and preconditioned gradients.
+
+The optimizers subclass ``torch.optim.Optimizer`` and keep plain tensors in
+``param_groups[i]["params"]`` (so ``GradScaler.unscale_``, ``clip_grad_norm_`` and accelerate see
+an ordinary optimizer) and the names beside them in ``param_groups[i]["param_names"]`` -- torch's
+own key for named parameters -- so the pairing survives ``state_dict()`` / ``load_state_dict()``.
+The pairing itself is not state: it is rebuilt from the names whenever the groups change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difflora.optim.pairing import FactorPair, pair_factors
+from difflora.optim.preconditioner import precondition_pairs
+
+NamedParams = Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]]
+
+
+def _named_group(group: dict[str, Any]) -> dict[str, Any]:
+    """Turn ``{"params": [(name, p), ...], ...}`` into ``params`` + ``param_names``, dropping frozen ones."""
+    group = dict(group)
+    raw = group["params"]
+    if isinstance(raw, Tensor) or isinstance(raw, set):
+        raise ValueError("scaled optimizers need named parameters: pass model.named_parameters() "
+                         "or groups whose 'params' are (name, parameter) pairs")
+    raw = list(raw)
+    if "param_names" in group:  # already split, e.g. from load_state_dict or a torch-style group
+        raw = list(zip(group["param_names"], raw))
+    params, names = [], []
+    for item in raw:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Tensor)):
+            raise ValueError("scaled optimizers need named parameters: pass model.named_parameters() "
+                             f"or groups whose 'params' are (name, parameter) pairs, not {type(item).__name__}")
+        name, p = item
+        if p.requires_grad:
+            names.append(str(name))
+            params.append(p)
+    group["params"], group["param_names"] = params, names
+    return group
+
+
+class PreconditionedOptimizer(torch.optim.Optimizer):
+    """Base class: named groups, name-based pairing, and ``_grads_for_step``.
+
+    Subclasses read gradients through :meth:`_grads_for_step` instead of ``p.grad``.
+    """
+
+    def __init__(self, params: NamedParams, defaults: dict[str, Any]) -> None:
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        groups = [_named_group(g) for g in groups]
+        if not any(g["params"] for g in groups):
+            raise ValueError("optimizer got no trainable parameters (all have requires_grad=False)")
+        self._pairs: list[FactorPair] | None = None
+        self._pairs_key: tuple | None = None
+        self._ready = False  # a pair may span groups: pair only once all groups are in
+        super().__init__(groups, defaults)
+        self._ready = True
+        self._pairing()  # fail at construction on an unpaired factor
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(_named_group(param_group))
+        self._pairs = None
+        if getattr(self, "_ready", False):
+            self._pairing()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._pairs = None
+
+    def _pairing(self) -> list[FactorPair]:
+        key = tuple(tuple(map(id, g["params"])) for g in self.param_groups)
+        if self._pairs is None or key != self._pairs_key:
+            names = []
+            for g in self.param_groups:
+                if "param_names" not in g or len(g["param_names"]) != len(g["params"]):
+                    raise ValueError("a parameter group lost its 'param_names'; build the optimizer from "
+                                     "model.named_parameters()")
+                names.append(g["param_names"])
+            self._pairs = pair_factors(names, [g["params"] for g in self.param_groups])
+            self._pairs_key = key
+        return self._pairs
+
+    @torch.no_grad()
+    def _grads_for_step(self) -> dict[Tensor, Tensor]:
+        """Preconditioned gradients of all LoRA factors, keyed by parameter.
+
+        Computed for every pair from the parameter values before any update of this step.
+        ``.grad`` itself is left untouched, so calling ``step()`` twice never preconditions twice.
+        """
+        pairs = self._pairing()
+        if not pairs:
+            return {}
+        groups = self.param_groups
+        a_params = [groups[p.a[0]]["params"][p.a[1]] for p in pairs]
+        b_params = [groups[p.b[0]]["params"][p.b[1]] for p in pairs]
+        for t in (*a_params, *b_params):
+            if t.grad is not None and t.grad.is_sparse:
+                raise RuntimeError("scaled optimizers do not support sparse gradients")
+        new_a, new_b = precondition_pairs(
+            a_params, b_params,
+            [p.grad for p in a_params], [p.grad for p in b_params],
+            [groups[p.a[0]]["reg"] for p in pairs], [groups[p.b[0]]["reg"] for p in pairs],
+        )
+        out: dict[Tensor, Tensor] = {}
+        for p, g in zip(a_params, new_a):
+            if g is not None:
+                out[p] = g
+        for p, g in zip(b_params, new_b):
+            if g is not None:
+                out[p] = g
+        return out
+
+
+def check_reg(reg: float) -> float:
+    """Validate ``reg`` (the damping of the ``r x r`` Gram matrices)."""
+    if reg < 0:
+        raise ValueError(f"reg must be >= 0, got {reg}")
+    return float(reg)

@@ -1,0 +1,121 @@
+"""Batched ``r x r`` preconditioners of Riemannian-preconditioned LoRA.
+
+For a pair ``(A: r x in, B: out x r)`` with gradients ``g_A``, ``g_B``::
+
+    g~_A = (B^T B + reg_A I_r)^-1 g_A        g~_B = g_B (A A^T + reg_B I_r)^-1
+
+Why batched: an SD1.5 UNet carries hundreds of LoRA pairs, but only a handful of distinct
+shapes. Pairs with the same factor shapes, dtype and device are stacked and every Gram matrix,
+Cholesky factorisation and product of a bucket is one batched call, so the cost is a few kernel
+launches per shape instead of a Python loop per factor.
+
+Numerics:
+
+* the Gram matrices and the solves run in float32 (float64 stays float64); fp16/bf16 factors are
+  upcast and the preconditioned gradient is cast back to the gradient's dtype;
+* the damped Gram matrix is inverted through its Cholesky factor (``cholesky_ex``, no exception
+  and no host sync per matrix). Where it is not positive definite -- ``reg = 0`` with ``B = 0`` at
+  peft's initialisation, or a rank-deficient factor -- the Moore-Penrose pseudo-inverse
+  (``pinv(hermitian=True)``) is used instead: the minimum-norm solution, which is ``0`` for a zero
+  Gram matrix (where ``g_A = B^T (...)`` is zero as well). There is no silent identity fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+#: Default damping of the ``r x r`` Gram matrices. Chosen by measurement, see DEFAULT_REG_REASON.
+DEFAULT_REG: float = 1e-2
+DEFAULT_REG_REASON = "provisional (peft's value) until the matrix-factorisation sweep"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the preconditioner is computed in: float64 stays, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def damped_inverse(gram: Tensor, reg: float | Tensor) -> Tensor:
+    """``(gram + reg I)^-1`` for a batch ``(n, r, r)`` of symmetric PSD matrices (``gram`` is modified).
+
+    ``reg`` is a float or a tensor of shape ``(n,)``. Cholesky first; the pseudo-inverse for the
+    matrices whose factorisation failed.
+    """
+    diag = gram.diagonal(dim1=-2, dim2=-1)
+    if isinstance(reg, Tensor):
+        diag.add_(reg.to(gram.dtype).unsqueeze(-1))
+    elif reg != 0:
+        diag.add_(reg)
+    chol, info = torch.linalg.cholesky_ex(gram)
+    inv = torch.cholesky_inverse(chol)
+    bad = info != 0
+    if bool(bad.any()):
+        inv[bad] = torch.linalg.pinv(gram[bad], hermitian=True)
+    return inv
+
+
+def _regs(values: list[float], device: torch.device) -> float | Tensor:
+    first = values[0]
+    if all(v == first for v in values):
+        return float(first)
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def precondition_pairs(
+    a_params: Sequence[Tensor],
+    b_params: Sequence[Tensor],
+    a_grads: Sequence[Tensor | None],
+    b_grads: Sequence[Tensor | None],
+    a_regs: Sequence[float],
+    b_regs: Sequence[float],
+) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """Preconditioned gradients of every pair, from the factor values as they are now.
+
+    ``a_regs[k]`` damps ``B^T B`` (the preconditioner of ``A``'s gradient), ``b_regs[k]`` damps
+    ``A A^T``. A missing gradient (``None``) gives ``None``. Results have the shape and dtype of
+    the gradients; they are new tensors (the ``.grad`` tensors are never written).
+    """
+    n = len(a_params)
+    out_a: list[Tensor | None] = [None] * n
+    out_b: list[Tensor | None] = [None] * n
+    buckets: dict[tuple, list[int]] = {}
+    for k in range(n):
+        a, b = a_params[k], b_params[k]
+        key = (a.shape, b.shape, a.dtype, b.dtype, a.device, a_grads[k] is None, b_grads[k] is None)
+        buckets.setdefault(key, []).append(k)
+
+    for (a_shape, b_shape, a_dtype, b_dtype, device, no_ga, no_gb), ks in buckets.items():
+        if no_ga and no_gb:
+            continue
+        r = a_shape[0]
+        cdtype = compute_dtype(a_dtype) if compute_dtype(a_dtype) == compute_dtype(b_dtype) else torch.float64
+        count = len(ks)
+        grams = []
+        if not no_ga:  # P_A needs B^T B
+            bs = torch.stack([b_params[k].reshape(b_shape[0], r) for k in ks]).to(cdtype)
+            grams.append(torch.bmm(bs.transpose(1, 2), bs))
+        if not no_gb:  # P_B needs A A^T
+            as_ = torch.stack([a_params[k].reshape(r, -1) for k in ks]).to(cdtype)
+            grams.append(torch.bmm(as_, as_.transpose(1, 2)))
+        regs: list[float] = []
+        if not no_ga:
+            regs += [a_regs[k] for k in ks]
+        if not no_gb:
+            regs += [b_regs[k] for k in ks]
+        gram = grams[0] if len(grams) == 1 else torch.cat(grams)
+        inv = damped_inverse(gram, _regs(regs, device))
+        if not no_ga:
+            p_a = inv[:count]
+            ga = torch.stack([a_grads[k].reshape(r, -1) for k in ks]).to(cdtype)  # type: ignore[union-attr]
+            new_a = torch.bmm(p_a, ga).to(a_grads[ks[0]].dtype)  # type: ignore[union-attr]
+            for k, g in zip(ks, new_a.unbind(0)):
+                out_a[k] = g.view(a_shape)
+        if not no_gb:
+            p_b = inv[count:] if not no_ga else inv
+            gb = torch.stack([b_grads[k].reshape(b_shape[0], r) for k in ks]).to(cdtype)  # type: ignore[union-attr]
+            new_b = torch.bmm(gb, p_b).to(b_grads[ks[0]].dtype)  # type: ignore[union-attr]
+            for k, g in zip(ks, new_b.unbind(0)):
+                out_b[k] = g.view(b_shape)
+    return out_a, out_b
