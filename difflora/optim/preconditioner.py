@@ -49,8 +49,9 @@ def damped_inverse(gram: Tensor, reg: float | Tensor) -> Tensor:
     elif reg != 0:
         diag.add_(reg)
     chol, info = torch.linalg.cholesky_ex(gram)
-    inv = torch.cholesky_inverse(chol)
     bad = info != 0
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    inv = torch.cholesky_inverse(torch.where(bad[:, None, None], eye, chol))
     if bool(bad.any()):
         inv[bad] = torch.linalg.pinv(gram[bad], hermitian=True)
     return inv

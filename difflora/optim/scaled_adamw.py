@@ -23,7 +23,9 @@ class ScaledAdamW(PreconditionedOptimizer):
     not LoRA factors get plain AdamW. ``.grad`` is never modified.
 
     State per parameter is AdamW's (``step``, ``exp_avg``, ``exp_avg_sq`` [, ``max_exp_avg_sq``]),
-    in the parameter's dtype like torch; the preconditioner keeps nothing between steps.
+    in the parameter's dtype like torch; the preconditioner keeps nothing between steps. As with
+    torch's AdamW, pure fp16 parameters need an ``eps`` that fp16 can hold (``1e-8`` underflows);
+    mixed precision with fp32 master weights has no such issue.
 
     Args:
         params: ``model.named_parameters()`` or groups whose ``params`` are ``(name, parameter)``
