@@ -27,9 +27,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-#: Default damping of the ``r x r`` Gram matrices. Chosen by measurement, see DEFAULT_REG_REASON.
-DEFAULT_REG: float = 1e-2
-DEFAULT_REG_REASON = "provisional (peft's value) until the matrix-factorisation sweep"
+#: Default damping of the ``r x r`` Gram matrices, chosen with benchmarks/matrix_factorization.py
+#: (50x50 rank-4 target, singular values 1..1/kappa, LoRA init B = 0; results in
+#: benchmarks/results/matrix_factorization.md). Scaled GD needs reg far below the smallest Gram
+#: eigenvalue the factors must learn: at kappa = 1000 it takes 13 iterations with reg 0 or 1e-6,
+#: 1289 with 1e-4 and never converges with 1e-2 (peft's default), which turns it back into slow
+#: plain GD. Scaled Adam needs reg > 0: with reg 0 the B ~ 0 start amplifies g_A without bound
+#: (15723 iterations at kappa = 100), with 1e-6 .. 1e-2 it takes ~170-190. 1e-6 is the smallest
+#: value good for both (it is also the paper's GPT-2 value). reg is in units of the factors' Gram
+#: eigenvalues; for SD LoRA those are ~1e-3 .. 0.3 (A's rows have norm^2 ~ 1/3 at init, B^T B
+#: grows from 0), the same range as the benchmark. Later sweeps on real runs may revise it.
+DEFAULT_REG: float = 1e-6
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,6 +63,36 @@ def damped_inverse(gram: Tensor, reg: float | Tensor) -> Tensor:
     if bool(bad.any()):
         inv[bad] = torch.linalg.pinv(gram[bad], hermitian=True)
     return inv
+
+
+# Buckets whose factors hold at most this many elements are stacked for batched matmuls.
+_STACK_LIMIT = 1 << 20
+
+
+def _grams(factors: list[Tensor], cdtype: torch.dtype, left: bool, stacked: bool) -> Tensor:
+    """``F^T F`` (``left``) or ``F F^T`` for every factor, as one ``(n, r, r)`` tensor in ``cdtype``."""
+    if stacked:
+        f = torch.stack(factors).to(cdtype)
+        return torch.bmm(f.transpose(1, 2), f) if left else torch.bmm(f, f.transpose(1, 2))
+    r = factors[0].shape[1] if left else factors[0].shape[0]
+    out = torch.empty(len(factors), r, r, dtype=cdtype, device=factors[0].device)
+    for i, f in enumerate(factors):
+        f = f.to(cdtype)
+        torch.mm(f.T, f, out=out[i]) if left else torch.mm(f, f.T, out=out[i])
+    return out
+
+
+def _products(inv: Tensor, grads: list[Tensor], cdtype: torch.dtype, precondition_left: bool,
+              stacked: bool) -> list[Tensor]:
+    """``P_i g_i`` (``precondition_left``) or ``g_i P_i`` for every gradient, in the gradients' dtype."""
+    dtype = grads[0].dtype
+    if stacked:
+        g = torch.stack(grads).to(cdtype)
+        out = torch.bmm(inv, g) if precondition_left else torch.bmm(g, inv)
+        return list(out.to(dtype).unbind(0))
+    if precondition_left:
+        return [torch.mm(p, g.to(cdtype)).to(dtype) for p, g in zip(inv.unbind(0), grads)]
+    return [torch.mm(g.to(cdtype), p).to(dtype) for p, g in zip(inv.unbind(0), grads)]
 
 
 def _regs(values: list[float], device: torch.device) -> float | Tensor:
@@ -93,13 +131,15 @@ def precondition_pairs(
         r = a_shape[0]
         cdtype = compute_dtype(a_dtype) if compute_dtype(a_dtype) == compute_dtype(b_dtype) else torch.float64
         count = len(ks)
+        # Small factors: stack the bucket and use batched matmuls (few kernel launches). Large
+        # factors: the stacking copies cost more than the launches, so loop over views instead.
+        stacked = r * (a_shape.numel() // r + b_shape[0]) * count <= _STACK_LIMIT
         grams = []
         if not no_ga:  # P_A needs B^T B
-            bs = torch.stack([b_params[k].reshape(b_shape[0], r) for k in ks]).to(cdtype)
-            grams.append(torch.bmm(bs.transpose(1, 2), bs))
+            grams.append(_grams([b_params[k].reshape(b_shape[0], r) for k in ks], cdtype, left=True,
+                                stacked=stacked))
         if not no_gb:  # P_B needs A A^T
-            as_ = torch.stack([a_params[k].reshape(r, -1) for k in ks]).to(cdtype)
-            grams.append(torch.bmm(as_, as_.transpose(1, 2)))
+            grams.append(_grams([a_params[k].reshape(r, -1) for k in ks], cdtype, left=False, stacked=stacked))
         regs: list[float] = []
         if not no_ga:
             regs += [a_regs[k] for k in ks]
@@ -109,14 +149,12 @@ def precondition_pairs(
         inv = damped_inverse(gram, _regs(regs, device))
         if not no_ga:
             p_a = inv[:count]
-            ga = torch.stack([a_grads[k].reshape(r, -1) for k in ks]).to(cdtype)  # type: ignore[union-attr]
-            new_a = torch.bmm(p_a, ga).to(a_grads[ks[0]].dtype)  # type: ignore[union-attr]
-            for k, g in zip(ks, new_a.unbind(0)):
+            gas = [a_grads[k].reshape(r, -1) for k in ks]  # type: ignore[union-attr]
+            for k, g in zip(ks, _products(p_a, gas, cdtype, precondition_left=True, stacked=stacked)):
                 out_a[k] = g.view(a_shape)
         if not no_gb:
             p_b = inv[count:] if not no_ga else inv
-            gb = torch.stack([b_grads[k].reshape(b_shape[0], r) for k in ks]).to(cdtype)  # type: ignore[union-attr]
-            new_b = torch.bmm(gb, p_b).to(b_grads[ks[0]].dtype)  # type: ignore[union-attr]
-            for k, g in zip(ks, new_b.unbind(0)):
+            gbs = [b_grads[k].reshape(b_shape[0], r) for k in ks]  # type: ignore[union-attr]
+            for k, g in zip(ks, _products(p_b, gbs, cdtype, precondition_left=False, stacked=stacked)):
                 out_b[k] = g.view(b_shape)
     return out_a, out_b

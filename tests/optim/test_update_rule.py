@@ -212,3 +212,21 @@ def test_partial_grads_and_frozen_params():
     a0 = a.detach().clone()
     opt.step()
     assert torch.equal(a.detach(), a0) and len(opt.state[a]) == 0
+
+
+def test_loop_path_for_large_factors_matches_stacked_path(monkeypatch):
+    """Big buckets skip stacking (per-tensor matmuls); the result must not change."""
+    import difflora.optim.preconditioner as pre
+
+    results = []
+    for limit in (1 << 20, 0):
+        monkeypatch.setattr(pre, "_STACK_LIMIT", limit)
+        params = _model_params()
+        groups, _, _ = _groups(params, 0.1, 0.2)
+        opt = ScaledAdamW(groups, lr=1e-2)
+        for p in params.values():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        results.append({n: p.detach().clone() for n, p in params.items()})
+    for n in results[0]:
+        torch.testing.assert_close(results[0][n], results[1][n], rtol=1e-12, atol=1e-12)
