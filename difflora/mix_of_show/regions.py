@@ -1,0 +1,312 @@
+"""``difflora sample-regions``: regionally controlled sampling (Mix-of-Show).
+
+A global prompt plus regions, each a box with its own prompt (and negative prompt). In every UNet
+cross-attention layer, image positions inside a box attend to that region's prompt encoding and
+all others to the global one: :class:`RegionAttnProcessor` wraps the model's own processor and
+runs it once per prompt, then picks per position, so a box covering the whole image gives exactly
+the sample of the region prompt. Later regions win where boxes overlap. An optional T2I-Adapter
+(keypose / sketch condition image) steers the layout further.
+
+Writes ``image.png``, ``layout.png`` (boxes and labels over the image) and ``settings.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflora.config import config_to_dict, parse_config
+from difflora.errors import UserError
+
+CONCEPTS_FILE = "concepts.json"
+
+
+@dataclass
+class Region:
+    """A box in pixels (x0, y0, x1, y1; x to the right, y down) and its prompts."""
+
+    box: tuple[float, float, float, float]
+    prompt: str
+    negative_prompt: str | None = None
+
+
+def resolve_box(values: list[float] | tuple[float, ...], width: int, height: int, what: str = "box"
+                ) -> tuple[float, float, float, float]:
+    """Fractions (all values in [0, 1]) or pixels -> pixels; refuse boxes outside the image or empty."""
+    if len(values) != 4:
+        raise UserError(f"{what} needs 4 numbers x0,y0,x1,y1, got {list(values)}")
+    x0, y0, x1, y1 = (float(v) for v in values)
+    if max(x0, y0, x1, y1) <= 1.0:  # fractions of the image (a box of 1 pixel is never meant)
+        x0, x1, y0, y1 = x0 * width, x1 * width, y0 * height, y1 * height
+    if min(x0, y0) < 0 or x1 > width or y1 > height:
+        raise UserError(f"{what} {list(values)} lies outside the {width}x{height} image; use pixels within it "
+                        "or fractions in [0, 1]")
+    if x1 <= x0 or y1 <= y0:
+        raise UserError(f"{what} {list(values)} has zero area; write x0,y0,x1,y1 with x1 > x0 and y1 > y0")
+    return x0, y0, x1, y1
+
+
+def parse_region(text: str, width: int, height: int) -> Region:
+    """``"x0,y0,x1,y1|PROMPT[|NEGATIVE]"`` -> :class:`Region` (pixels or fractions)."""
+    parts = text.split("|")
+    if len(parts) not in (2, 3) or not parts[1].strip():
+        raise UserError(f"region {text!r} must be written 'x0,y0,x1,y1|prompt[|negative prompt]'")
+    try:
+        values = [float(v) for v in parts[0].split(",")]
+    except ValueError:
+        raise UserError(f"region {text!r}: the box must be 4 numbers x0,y0,x1,y1") from None
+    box = resolve_box(values, width, height, what=f"region box '{parts[0]}'")
+    return Region(box, parts[1].strip(), parts[2].strip() if len(parts) == 3 else None)
+
+
+def box_mask(box: tuple[float, float, float, float], width: int, height: int, h: int, w: int) -> torch.Tensor:
+    """(h*w,) float mask of the grid cells a pixel box covers at an h x w feature resolution."""
+    x0, y0, x1, y1 = box
+    r0, r1 = math.floor(y0 / height * h), max(math.ceil(y1 / height * h), math.floor(y0 / height * h) + 1)
+    c0, c1 = math.floor(x0 / width * w), max(math.ceil(x1 / width * w), math.floor(x0 / width * w) + 1)
+    mask = torch.zeros(h, w)
+    mask[r0:r1, c0:c1] = 1.0
+    return mask.flatten()
+
+
+class RegionController:
+    """The regions and their encodings, shared by every wrapped cross-attention processor."""
+
+    def __init__(self, width: int, height: int, guidance: bool = True):
+        self.width, self.height, self.guidance = width, height, guidance
+        self.regions: list[tuple[Region, torch.Tensor, torch.Tensor]] = []  # region, positive, negative
+
+    def add(self, region: Region, positive: torch.Tensor, negative: torch.Tensor) -> None:
+        self.regions.append((region, positive, negative))
+
+    def embeds(self, positive: torch.Tensor, negative: torch.Tensor, batch: int) -> torch.Tensor:
+        """Match the pipeline's batch: [negatives, positives] with guidance, positives without."""
+        if self.guidance:
+            half = batch // 2
+            return torch.cat([negative.expand(half, -1, -1), positive.expand(half, -1, -1)])
+        return positive.expand(batch, -1, -1)
+
+    def mask(self, region: Region, n: int) -> torch.Tensor:
+        """Mask over the n query positions of a layer; its grid size follows from the image's aspect."""
+        scale = math.sqrt(self.width * self.height / n)
+        h = max(1, round(self.height / scale))
+        w = n // h
+        if h * w != n:
+            raise RuntimeError(f"cannot map {n} positions onto a {self.width}x{self.height} image")
+        return box_mask(region.box, self.width, self.height, h, w)
+
+
+class RegionAttnProcessor:
+    """Cross-attention where queries inside a region's box read that region's prompt."""
+
+    def __init__(self, inner: Any, controller: RegionController):
+        self.inner = inner
+        self.controller = controller
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        if encoder_hidden_states is None or not self.controller.regions or hidden_states.dim() != 3:
+            return out
+        batch, n = hidden_states.shape[:2]
+        for region, positive, negative in self.controller.regions:
+            ehs = self.controller.embeds(positive, negative, batch).to(encoder_hidden_states)
+            region_out = self.inner(attn, hidden_states, ehs, attention_mask, temb, *args, **kwargs)
+            m = self.controller.mask(region, n).to(out).view(1, n, 1)
+            out = torch.lerp(out, region_out, m)
+        return out
+
+
+def install_regions(unet: Any, controller: RegionController) -> dict[str, Any]:
+    """Wrap every cross-attention (``attn2``) processor; returns the originals for restoring."""
+    original = dict(unet.attn_processors)
+    unet.set_attn_processor({
+        name: RegionAttnProcessor(proc, controller) if ".attn2." in name else proc
+        for name, proc in original.items()
+    })
+    return original
+
+
+def check_concept_words(prompts: list[str], model_dir: str | Path) -> None:
+    """Refuse ``<word>`` tokens the model does not know (a typo would silently sample nothing)."""
+    known: set[str] = set()
+    path = Path(model_dir) / CONCEPTS_FILE
+    if path.is_file():
+        for concept in json.loads(path.read_text()).get("concepts", []):
+            known.update(concept.get("words", []))
+    for prompt in prompts:
+        for word in re.findall(r"<[^<>\s]+>", prompt):
+            if word not in known:
+                hint = f"known: {', '.join(sorted(known))}" if known else "the model has no concept words"
+                raise UserError(f"unknown concept word '{word}' in prompt {prompt!r}; {hint}")
+
+
+@dataclass
+class RegionsConfig:
+    """Sample one image with a global prompt and per-region prompts (Mix-of-Show)."""
+
+    model: str = field(metadata={"help": "a diffusers model folder (e.g. the output of difflora fuse)"})
+    output_dir: str = field(metadata={"help": "where image.png, layout.png and settings.json go"})
+    prompt: str = field(default="", metadata={"help": "global prompt (whole image outside the boxes)"})
+    negative_prompt: str = field(default="", metadata={"help": "global negative prompt"})
+    region: list[str] = field(default_factory=list, metadata={
+        "help": "'x0,y0,x1,y1|prompt[|negative]', pixels or fractions; repeat for several regions"})
+    layout: str | None = field(default=None, metadata={
+        "help": "YAML/JSON with prompt, negative_prompt and regions: [{box: [x0,y0,x1,y1], prompt, negative_prompt}]"})
+    adapter: str | None = field(default=None, metadata={"help": "T2I-Adapter folder (keypose, sketch, ...)"})
+    condition: str | None = field(default=None, metadata={"help": "condition image for the adapter"})
+    adapter_weight: float = field(default=1.0, metadata={"help": "adapter conditioning scale"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    steps: int = field(default=25, metadata={"help": "denoising steps"})
+    guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance"})
+    height: int | None = field(default=None, metadata={"help": "pixels (default: the model's size)"})
+    width: int | None = field(default=None, metadata={"help": "pixels (default: the model's size)"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing image.png in output_dir"})
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise UserError(f"steps must be >= 1, got {self.steps}")
+        if (self.adapter is None) != (self.condition is None):
+            raise UserError("--adapter and --condition go together: give both or neither")
+
+
+def _load_layout(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"layout file '{p}' does not exist; check --layout")
+    try:
+        data = yaml.safe_load(p.read_text())  # JSON is YAML too
+    except yaml.YAMLError as err:
+        raise UserError(f"layout file '{p}' is not valid YAML/JSON ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("regions", []), list):
+        raise UserError(f"layout file '{p}' must hold prompt, negative_prompt and a list of regions")
+    return data
+
+
+def _load_pipeline(cfg: RegionsConfig) -> Any:
+    from diffusers import StableDiffusionAdapterPipeline, StableDiffusionPipeline, T2IAdapter
+
+    if not Path(cfg.model).is_dir():
+        raise UserError(f"model '{cfg.model}' is not a folder; pass a diffusers model folder")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(cfg.model, safety_checker=None, requires_safety_checker=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load model '{cfg.model}' ({str(err).splitlines()[0]})") from None
+    if cfg.adapter is not None:
+        if not (Path(cfg.adapter) / "config.json").is_file():
+            raise UserError(f"adapter '{cfg.adapter}' is not a T2I-Adapter folder (no config.json); check --adapter")
+        adapter = T2IAdapter.from_pretrained(cfg.adapter)
+        pipe = StableDiffusionAdapterPipeline(
+            vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+            adapter=adapter, scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    pipe.set_progress_bar_config(desc="sampling")
+    return pipe.to(cfg.device)
+
+
+def _default_size(model: str) -> int:
+    """The model's native image size, read from its configs (checked before loading any weights)."""
+    try:
+        unet = json.loads((Path(model) / "unet" / "config.json").read_text())
+        vae = json.loads((Path(model) / "vae" / "config.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"model '{model}' is not a diffusers Stable Diffusion folder (unet/ and vae/ configs); "
+                        "pass the folder difflora fuse wrote or a base model") from None
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def _encode(pipe: Any, prompt: str) -> torch.Tensor:
+    ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(pipe.device)
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def draw_layout(image: Any, regions: list[Region], min_size: int = 256) -> Any:
+    """The image (upscaled to at least ``min_size``) with each box outlined and labelled."""
+    from PIL import ImageDraw
+
+    scale = max(1, math.ceil(min_size / min(image.size)))
+    canvas = image.convert("RGB").resize((image.width * scale, image.height * scale))
+    draw = ImageDraw.Draw(canvas)
+    colours = ["red", "lime", "blue", "yellow", "magenta", "cyan"]
+    for i, region in enumerate(regions):
+        x0, y0, x1, y1 = (v * scale for v in region.box)
+        colour = colours[i % len(colours)]
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=2)
+        draw.text((x0 + 3, y0 + 2), f"{i + 1}: {region.prompt}", fill=colour)
+    return canvas
+
+
+def _atomic_save_image(image: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+def sample_regions(cfg: RegionsConfig) -> dict[str, Any]:
+    """Sample one regionally controlled image and write it with its layout and settings."""
+    out = Path(cfg.output_dir)
+    if (out / "image.png").exists() and not cfg.overwrite:
+        raise UserError(f"'{out / 'image.png'}' exists; choose another output_dir or pass --overwrite")
+    layout = _load_layout(cfg.layout) if cfg.layout else {}
+    prompt = cfg.prompt or str(layout.get("prompt", ""))
+    negative = cfg.negative_prompt or str(layout.get("negative_prompt", ""))
+    if not prompt:
+        raise UserError("no global prompt; give --prompt or 'prompt' in the layout file")
+    if cfg.adapter is not None and not (Path(cfg.adapter) / "config.json").is_file():
+        raise UserError(f"adapter '{cfg.adapter}' is not a T2I-Adapter folder (no config.json); check --adapter")
+    condition = None
+    if cfg.condition is not None:
+        from PIL import Image
+
+        if not Path(cfg.condition).is_file():
+            raise UserError(f"condition image '{cfg.condition}' does not exist; check --condition")
+        condition = Image.open(cfg.condition).convert("RGB")
+    default = _default_size(cfg.model)
+    height, width = cfg.height or default, cfg.width or default
+    regions = [parse_region(r, width, height) for r in cfg.region]
+    for i, item in enumerate(layout.get("regions", [])):
+        if not isinstance(item, dict) or "box" not in item or "prompt" not in item:
+            raise UserError(f"layout region {i + 1} needs 'box' and 'prompt'")
+        box = resolve_box(list(item["box"]), width, height, what=f"layout region {i + 1} box")
+        regions.append(Region(box, str(item["prompt"]), item.get("negative_prompt")))
+    check_concept_words([prompt, negative, *(r.prompt for r in regions)], cfg.model)
+    pipe = _load_pipeline(cfg)  # only after every input is checked: loading is the slow part
+
+    controller = RegionController(width, height, guidance=cfg.guidance_scale > 1)
+    for region in regions:
+        controller.add(region, _encode(pipe, region.prompt),
+                       _encode(pipe, region.negative_prompt if region.negative_prompt is not None else negative))
+    original = install_regions(pipe.unet, controller)
+    extra = {"image": condition, "adapter_conditioning_scale": cfg.adapter_weight} if condition is not None else {}
+    try:
+        image = pipe(prompt, negative_prompt=negative, num_inference_steps=cfg.steps,
+                     guidance_scale=cfg.guidance_scale, height=height, width=width,
+                     generator=torch.Generator(pipe.device).manual_seed(cfg.seed), **extra).images[0]
+    finally:
+        pipe.unet.set_attn_processor(original)
+
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_save_image(image, out / "image.png")
+    _atomic_save_image(draw_layout(image, regions), out / "layout.png")
+    settings = {**config_to_dict(cfg), "prompt": prompt, "negative_prompt": negative, "height": height,
+                "width": width, "regions": [asdict(r) for r in regions]}
+    (out / "settings.json").write_text(json.dumps(settings, indent=2))
+    return {"image": str(out / "image.png"), "regions": len(regions)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(RegionsConfig, argv, prog="difflora sample-regions")
+    result = sample_regions(cfg)
+    print(f"wrote {result['image']} with {result['regions']} region(s)")
