@@ -267,6 +267,7 @@ def fuse(cfg: FuseConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
         raise UserError(f"'{out}' is not empty; choose another output_dir or pass --overwrite")
+    _concept_entries(cfg.concepts)  # a bad concepts file fails before the slow model load
     if not Path(cfg.pretrained_model_name_or_path).is_dir():
         raise UserError(f"base model '{cfg.pretrained_model_name_or_path}' is not a folder; pass a local "
                         "diffusers model folder")
