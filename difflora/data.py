@@ -1,0 +1,139 @@
+"""Images in, tensors out: the first step of the data path.
+
+Users hand us folders straight from a phone or the web, so loading is forgiving where it can be
+(EXIF rotation, RGBA, palette, grayscale and 16-bit images all become 8-bit RGB; unreadable files
+are skipped with a warning naming them) and strict where it must be (a missing folder or one with
+no usable image stops the run with a clear message).
+
+Augmentation is a pure function of ``(seed, epoch, index)`` so a resumed run sees exactly the
+crops and flips an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from difflora.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open any image Pillow reads as 8-bit RGB, with its EXIF orientation applied."""
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            top = 65535.0 if arr.max() > 255 else 255.0
+            im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(background, im)
+        return im.convert("RGB")
+
+
+def find_images(folder: str | Path, what: str = "instance") -> list[Path]:
+    """Readable images in ``folder`` (sorted), skipping and naming unreadable ones."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{what} folder '{folder}' does not exist; check --{what}_data_dir")
+    candidates = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    good, bad = [], []
+    for p in candidates:
+        try:
+            with Image.open(p) as im:
+                im.verify()
+            good.append(p)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            bad.append(p.name)
+    if bad:
+        logger.warning("skipping %d unreadable image(s) in %s: %s", len(bad), folder, ", ".join(bad))
+    if not good:
+        found = "is empty" if not candidates else "has no readable image"
+        raise UserError(f"{what} folder '{folder}' {found}; add jpg/png/webp images to it")
+    return good
+
+
+def read_caption(image_path: Path, default: str) -> str:
+    """The caption in ``name.txt`` beside the image, or ``default``."""
+    txt = image_path.with_suffix(".txt")
+    if txt.is_file():
+        text = txt.read_text(encoding="utf-8").strip()
+        if text:
+            return text
+    return default
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float tensor (3, H, W) in [-1, 1], the range the VAE expects."""
+    arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+    return arr / 127.5 - 1.0
+
+
+def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool,
+                    generator: torch.Generator | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize the shorter side to ``resolution`` and crop a square; return the crop's top-left."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+    if center_crop or generator is None:
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    else:
+        left = int(torch.randint(0, nw - resolution + 1, (1,), generator=generator))
+        top = int(torch.randint(0, nh - resolution + 1, (1,), generator=generator))
+    return image.crop((left, top, left + resolution, top + resolution)), (top, left)
+
+
+@dataclass
+class Example:
+    pixel_values: torch.Tensor  # (3, R, R) in [-1, 1]
+    prompt: str
+    original_size: tuple[int, int]  # (h, w), SDXL micro-conditioning
+    crop_top_left: tuple[int, int]
+
+
+class ImageSet:
+    """A folder of images with prompts, augmented deterministically per (seed, epoch, index)."""
+
+    def __init__(self, paths: list[Path], prompts: list[str], resolution: int, center_crop: bool = False,
+                 random_flip: bool = False, seed: int = 0):
+        self.paths, self.prompts = paths, prompts
+        self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
+        self._images = [load_image(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def example(self, index: int, epoch: int) -> Example:
+        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 100_003 + index) % (2**63))
+        image = self._images[index]
+        original = (image.height, image.width)
+        image, crop = resize_and_crop(image, self.resolution, self.center_crop, g)
+        if self.random_flip and bool(torch.rand((), generator=g) < 0.5):
+            image = ImageOps.mirror(image)
+        return Example(to_tensor(image), self.prompts[index], original, crop)
+
+    def order(self, epoch: int) -> list[int]:
+        """The shuffled index order of one epoch (same for every process and every resume)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self), generator=g).tolist()
+
+
+def load_image_set(folder: str | Path, prompt: str, resolution: int, *, center_crop: bool = False,
+                   random_flip: bool = False, captions: bool = False, seed: int = 0,
+                   what: str = "instance") -> ImageSet:
+    """Find, validate and load a folder of training images with their prompts."""
+    paths = find_images(folder, what)
+    prompts = [read_caption(p, prompt) if captions else prompt for p in paths]
+    return ImageSet(paths, prompts, resolution, center_crop, random_flip, seed)

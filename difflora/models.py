@@ -1,0 +1,135 @@
+"""Base models and LoRA attachment.
+
+A Stable Diffusion checkpoint (hub id or local folder, SD 1.x / 2.x or SDXL) is loaded component
+by component so the trainer can freeze, cast and wrap each one; LoRA adapters are attached with
+peft's ``add_adapter``, the same mechanism diffusers' own scripts use, so saved files follow the
+format ``pipe.load_lora_weights`` expects.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from difflora.errors import UserError
+
+# Target presets: module-name suffixes that peft matches. "attention" is diffusers' default;
+# "all-linear" follows kohya's LoRA-C3Lier-free default (every linear layer of the transformer
+# blocks plus the 1x1 convolutions around them).
+LORA_TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
+    "attention": {
+        "unet": ["to_q", "to_k", "to_v", "to_out.0"],
+        "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    },
+    "attention+ff": {
+        "unet": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+        "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    },
+    "all-linear": {
+        "unet": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
+                 "conv_shortcut", "time_emb_proj"],
+        "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    },
+}
+
+_SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_SDXL_COMPONENTS = _SD_COMPONENTS + ("text_encoder_2", "tokenizer_2")
+
+
+@dataclass
+class BaseModel:
+    """The pieces of a Stable Diffusion checkpoint that training needs."""
+
+    path: str
+    unet: Any
+    vae: Any
+    noise_scheduler: Any
+    tokenizers: list[Any] = field(default_factory=list)
+    text_encoders: list[Any] = field(default_factory=list)
+    is_sdxl: bool = False
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def _check_local_folder(path: Path) -> bool:
+    """Validate a local diffusers folder; return whether it is SDXL."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"'{path}' is not a diffusers model folder (no model_index.json); "
+                        "pass a folder saved with save_pretrained or a hub id")
+    try:
+        declared = json.loads(index.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"'{index}' is not valid JSON; re-save the model folder") from None
+    is_sdxl = "text_encoder_2" in declared
+    for name in _SDXL_COMPONENTS if is_sdxl else _SD_COMPONENTS:
+        if not (path / name).is_dir():
+            raise UserError(f"the model folder '{path}' has no '{name}' component; "
+                            "copy the complete pipeline folder (unet, vae, text_encoder, tokenizer, scheduler)")
+    return is_sdxl
+
+
+def load_base_model(path: str, revision: str | None = None, variant: str | None = None) -> BaseModel:
+    """Load tokenizer(s), text encoder(s), VAE, UNet and a DDPM noise scheduler."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    local = Path(path)
+    if local.exists():
+        is_sdxl = _check_local_folder(local)
+    else:
+        from huggingface_hub import model_info  # only reached for hub ids
+
+        try:
+            files = {s.rfilename for s in model_info(path, revision=revision).siblings}
+        except Exception as err:  # noqa: BLE001 - any hub failure means "cannot use this id"
+            raise UserError(f"cannot find model '{path}' locally or on the hub ({type(err).__name__}); "
+                            "check the id or pass a local folder") from None
+        is_sdxl = any(f.startswith("text_encoder_2/") for f in files)
+    kw = dict(revision=revision)
+    try:
+        tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)]
+        text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw)]
+        if is_sdxl:
+            tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw))
+            text_encoders.append(
+                CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", variant=variant, **kw)
+            )
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw)
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load model '{path}': {first}") from None
+    return BaseModel(path=str(path), unet=unet, vae=vae, noise_scheduler=scheduler, tokenizers=tokenizers,
+                     text_encoders=text_encoders, is_sdxl=is_sdxl)
+
+
+def add_lora(module: nn.Module, rank: int, alpha: float, targets: list[str], adapter_name: str = "default") -> int:
+    """Attach a LoRA adapter to ``module`` and return how many layers it wraps.
+
+    B starts at zero (the model is unchanged at step 0) and A Gaussian, as in diffusers.
+    """
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+    try:
+        module.add_adapter(config, adapter_name=adapter_name)
+    except ValueError as err:
+        raise UserError(f"cannot attach LoRA to {type(module).__name__}: {str(err).splitlines()[0]}") from None
+    return sum(1 for n, _ in module.named_modules() if n.endswith(f"lora_A.{adapter_name}"))
+
+
+def lora_parameters(module: nn.Module, prefix: str) -> list[tuple[str, nn.Parameter]]:
+    """The trainable (LoRA) parameters of ``module`` with names prefixed by the component."""
+    return [(f"{prefix}.{n}", p) for n, p in module.named_parameters() if p.requires_grad]

@@ -1,0 +1,181 @@
+"""Samples and grids: how people look at what training produced.
+
+``generate`` draws prompts x seeds with one generator per image, so an image depends only on its
+(prompt, seed) and not on batching; ``make_grid`` lays them out with labels. ``difflora sample``
+wraps both: base model + LoRA files -> images, a grid and a manifest that reproduces them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from difflora.config import config_to_dict, parse_config
+from difflora.errors import UserError
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+}
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int = 25, guidance: float = 7.5,
+             negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
+             batch_size: int = 8, progress: bool = True) -> list[list[Image.Image]]:
+    """Images indexed ``[prompt][seed]``; each uses ``torch.Generator().manual_seed(seed)``."""
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(len(seeds))]
+    rows: list[list[Image.Image | None]] = [[None] * len(seeds) for _ in prompts]
+    device = getattr(pipe, "device", torch.device("cpu"))
+    gen_device = "cpu" if device.type == "mps" else device
+    with tqdm(total=len(jobs), desc="sampling", unit="img", disable=not progress) as bar:
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start:start + batch_size]
+            images = pipe(
+                [prompts[i] for i, _ in chunk],
+                negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+                num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                generator=[torch.Generator(gen_device).manual_seed(seeds[j]) for _, j in chunk],
+            ).images
+            for (i, j), image in zip(chunk, images):
+                rows[i][j] = image
+            bar.update(len(chunk))
+    return rows  # type: ignore[return-value]
+
+
+def make_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str]) -> Image.Image:
+    """A labelled grid: one row per prompt (label on the left), one column per seed (label on top)."""
+    if not rows or not rows[0]:
+        raise ValueError("make_grid needs at least one image")
+    w, h = rows[0][0].size
+    font = ImageFont.load_default()
+    label_w = min(max(120, 6 * max((len(s) for s in row_labels), default=0)), 360)
+    pad_top = 14
+    cell = max(w, 1)
+    grid = Image.new("RGB", (label_w + cell * len(rows[0]), pad_top + h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, label in enumerate(col_labels):
+        draw.text((label_w + j * cell + 2, 1), label, fill="black", font=font)
+    for i, row in enumerate(rows):
+        text = row_labels[i] if i < len(row_labels) else ""
+        lines = [text[k:k + max(1, label_w // 6)] for k in range(0, len(text), max(1, label_w // 6))][: max(1, h // 12)]
+        for n, line in enumerate(lines):
+            draw.text((2, pad_top + i * h + 2 + 11 * n), line, fill="black", font=font)
+        for j, image in enumerate(row):
+            grid.paste(image.convert("RGB").resize((w, h)), (label_w + j * cell, pad_top + i * h))
+    return grid
+
+
+def load_pipeline(model: str, dtype: str = "float32", device: str = "cpu", scheduler: str = "ddim"):
+    """Any SD / SDXL folder or hub id, with the chosen sampler."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    if scheduler not in SCHEDULERS:
+        raise UserError(f"unknown scheduler '{scheduler}'; valid: {', '.join(SCHEDULERS)}")
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    path = Path(model)
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise UserError(f"'{model}' is not a diffusers model folder (no model_index.json)")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, safety_checker=None)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load model '{model}': {str(err).strip().splitlines()[0]}") from None
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@dataclass
+class SampleConfig:
+    """Sample a base model with LoRA files into images, a labelled grid and a manifest."""
+
+    model: str = field(default="", metadata={"help": "base model: hub id or diffusers folder"})
+    lora: list[str] = field(default_factory=list, metadata={"help": "LoRA file or folder, optionally FILE:SCALE"})
+    prompt: list[str] = field(default_factory=list, metadata={"help": "a prompt (repeatable)"})
+    prompts: str | None = field(default=None, metadata={"help": "text file with one prompt per line"})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3], metadata={"help": "one column per seed"})
+    steps: int = field(default=25, metadata={"help": "sampler steps"})
+    guidance: float = field(default=7.5, metadata={"help": "classifier-free guidance scale"})
+    negative: str | None = field(default=None, metadata={"help": "negative prompt"})
+    scheduler: str = field(default="ddim", metadata={"help": f"one of {', '.join(SCHEDULERS)}"})
+    height: int | None = field(default=None, metadata={"help": "image height (default: the model's)"})
+    width: int | None = field(default=None, metadata={"help": "image width (default: the model's)"})
+    dtype: Literal["float32", "float16", "bfloat16"] = field(default="float32", metadata={"help": "weights dtype"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, mps"})
+    batch_size: int = field(default=8, metadata={"help": "images per pipeline call"})
+    out: str = field(default="samples", metadata={"help": "output folder"})
+    manifest: str | None = field(default=None, metadata={"help": "re-run the settings of a manifest.json"})
+
+    def validate(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise UserError(f"unknown scheduler '{self.scheduler}'; valid: {', '.join(SCHEDULERS)}")
+
+
+def _parse_lora(spec: str) -> tuple[str, float]:
+    path, sep, scale = spec.rpartition(":")
+    if sep and path and not Path(spec).exists():
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def sample(cfg: SampleConfig) -> Path:
+    """Run a sampling job; return the output folder."""
+    prompts = list(cfg.prompt)
+    if cfg.prompts:
+        pf = Path(cfg.prompts)
+        if not pf.is_file():
+            raise UserError(f"prompts file '{pf}' does not exist")
+        prompts += [line.strip() for line in pf.read_text().splitlines() if line.strip()]
+    if not cfg.model:
+        raise UserError("missing --model; give a hub id or a diffusers folder")
+    if not prompts:
+        raise UserError("no prompt given; use --prompt TEXT (repeatable) or --prompts FILE")
+    loras = [_parse_lora(s) for s in cfg.lora]
+    for path, _ in loras:
+        if not Path(path).exists():
+            raise UserError(f"LoRA file '{path}' does not exist")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(cfg.model, cfg.dtype, cfg.device, cfg.scheduler)
+    if loras:
+        from difflora.lora_io import apply_loras
+
+        apply_loras(pipe, loras)
+    rows = generate(pipe, prompts, cfg.seeds, steps=cfg.steps, guidance=cfg.guidance, negative_prompt=cfg.negative,
+                    height=cfg.height, width=cfg.width, batch_size=cfg.batch_size)
+    images = []
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            name = f"p{i:02d}-s{cfg.seeds[j]}.png"
+            image.save(out / name)
+            images.append({"file": name, "prompt": prompts[i], "seed": cfg.seeds[j]})
+    make_grid(rows, prompts, [f"seed {s}" for s in cfg.seeds]).save(out / "grid.png")
+    settings = config_to_dict(cfg) | {"prompt": prompts, "prompts": None, "manifest": None}
+    (out / "manifest.json").write_text(json.dumps({"settings": settings, "images": images}, indent=2))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(argv or [])
+    cfg = parse_config(SampleConfig, argv, prog="difflora sample")
+    if cfg.manifest:
+        mf = Path(cfg.manifest)
+        if not mf.is_file():
+            raise UserError(f"manifest '{mf}' does not exist")
+        settings = json.loads(mf.read_text())["settings"]
+        settings.update(out=cfg.out if "--out" in " ".join(argv) or any(a.startswith("out=") for a in argv)
+                        else settings["out"])
+        cfg = SampleConfig(**settings)
+    out = sample(cfg)
+    print(f"wrote {out / 'grid.png'} and {out / 'manifest.json'}")
