@@ -1,0 +1,222 @@
+"""Scores: how close generated images are to their prompts and to the concept's photos.
+
+The DreamBooth protocol (Ruiz et al., 2023): CLIP-T is the cosine between an image and its prompt;
+CLIP-I (and DINO) is the mean cosine over ALL pairs of generated and reference images. Scores are
+cosines in [0, 1] as in that paper's tables (torchmetrics' CLIPScore reports 100 x cosine).
+
+CLIP-T goes through torchmetrics' ``CLIPScore`` with its callable (model, processor) form. With
+transformers 5 the CLIP feature methods return output objects instead of tensors, which
+torchmetrics 1.9 cannot normalise, so the model is handed over behind ``_TensorFeatures``, a thin
+adapter that returns the projected embedding tensor. CLIP-I and DINO use the models directly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from difflora.config import parse_config
+from difflora.data import find_images, load_image
+from difflora.errors import UserError
+
+# DreamBooth paper, Table 1 (Stable Diffusion DreamBooth and real images).
+PAPER_REFERENCE = {
+    "DreamBooth (Stable Diffusion)": {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305},
+    "Real images": {"dino": 0.774, "clip_i": 0.885, "clip_t": None},
+}
+
+
+def _as_tensor(out) -> torch.Tensor:
+    """Projected features from a transformers 4 tensor or a transformers 5 output object."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("pooler_output", "image_embeds", "text_embeds"):
+        value = getattr(out, key, None)
+        if value is not None:
+            return value
+    raise TypeError(f"cannot read features from {type(out).__name__}")
+
+
+class _TensorFeatures(nn.Module):
+    """A CLIPModel whose get_*_features return tensors (what torchmetrics 1.x expects)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return _as_tensor(self.model.get_text_features(*args, **kwargs))
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return _as_tensor(self.model.get_image_features(*args, **kwargs))
+
+
+_CACHE: dict[tuple[str, str], tuple] = {}
+
+
+def _clip(name: str, device: str):
+    from transformers import CLIPModel, CLIPProcessor
+
+    key = ("clip", name, device)
+    if key not in _CACHE:
+        try:
+            model = CLIPModel.from_pretrained(name).to(device).eval()
+            processor = CLIPProcessor.from_pretrained(name)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot load CLIP model '{name}': {str(err).strip().splitlines()[0]}") from None
+        _CACHE[key] = (model, processor)
+    return _CACHE[key]
+
+
+def _dino(name: str, device: str):
+    from transformers import AutoImageProcessor, AutoModel
+
+    key = ("dino", name, device)
+    if key not in _CACHE:
+        try:
+            try:  # DINO ViTs ship without the pooler head; do not build a random one
+                model = AutoModel.from_pretrained(name, add_pooling_layer=False)
+            except TypeError:
+                model = AutoModel.from_pretrained(name)
+            model = model.to(device).eval()
+            processor = AutoImageProcessor.from_pretrained(name)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot load DINO model '{name}': {str(err).strip().splitlines()[0]}") from None
+        _CACHE[key] = (model, processor)
+    return _CACHE[key]
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def clip_image_embeddings(images: list[Image.Image], clip_model: str, device: str = "cpu") -> torch.Tensor:
+    model, processor = _clip(clip_model, device)
+    pixels = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+    return _normalise(_as_tensor(model.get_image_features(pixel_values=pixels.to(device))).float())
+
+
+@torch.no_grad()
+def clip_text_embeddings(prompts: list[str], clip_model: str, device: str = "cpu") -> torch.Tensor:
+    model, processor = _clip(clip_model, device)
+    tok = processor(text=prompts, return_tensors="pt", padding=True, truncation=True)
+    return _normalise(_as_tensor(model.get_text_features(**{k: v.to(device) for k, v in tok.items()})).float())
+
+
+@torch.no_grad()
+def dino_embeddings(images: list[Image.Image], dino_model: str, device: str = "cpu") -> torch.Tensor:
+    """The CLS token of the last layer, as in the DreamBooth paper's DINO metric."""
+    model, processor = _dino(dino_model, device)
+    pixels = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+    return _normalise(model(pixel_values=pixels.to(device)).last_hidden_state[:, 0].float())
+
+
+def mean_pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine over all (row of a, row of b) pairs; rows are unit vectors."""
+    return float((a @ b.T).mean())
+
+
+@torch.no_grad()
+def clip_t(images: list[Image.Image], prompts: list[str], clip_model: str, device: str = "cpu") -> float:
+    """Mean over images of max(cos(image, its prompt), 0), through torchmetrics' CLIPScore."""
+    import numpy as np
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    model, processor = _clip(clip_model, device)
+    metric = CLIPScore(model_name_or_path=lambda: (_TensorFeatures(model), processor)).to(device)
+    tensors = [torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+               for im in images]
+    metric.update(tensors, prompts)
+    return float(metric.compute()) / 100.0
+
+
+def score_images(images: list[Image.Image], prompts: str | list[str], reference: list[Image.Image] | None,
+                 clip_model: str, dino_model: str | None = None, device: str = "cpu") -> dict[str, float]:
+    """CLIP-T (image vs its prompt), CLIP-I and DINO (all generated x reference pairs)."""
+    if not images:
+        raise UserError("no images to score")
+    if isinstance(prompts, str):
+        prompts = [prompts] * len(images)
+    if len(prompts) != len(images):
+        raise UserError(f"{len(images)} images but {len(prompts)} prompts; give one prompt per image or one for all")
+    scores = {"clip_t": clip_t(images, prompts, clip_model, device)}
+    if reference:
+        gen = clip_image_embeddings(images, clip_model, device)
+        ref = clip_image_embeddings(reference, clip_model, device)
+        scores["clip_i"] = mean_pairwise_cosine(gen, ref)
+        if dino_model:
+            scores["dino"] = mean_pairwise_cosine(dino_embeddings(images, dino_model, device),
+                                                  dino_embeddings(reference, dino_model, device))
+    return scores
+
+
+def load_images(folder: str | Path, what: str = "images") -> list[Image.Image]:
+    return [load_image(p) for p in find_images(folder, what)]
+
+
+def markdown_table(scores: dict[str, float]) -> str:
+    rows = ["| | DINO | CLIP-I | CLIP-T |", "|---|---|---|---|"]
+
+    def cell(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    rows.append(f"| this run | {cell(scores.get('dino'))} | {cell(scores.get('clip_i'))} | {cell(scores.get('clip_t'))} |")
+    for name, ref in PAPER_REFERENCE.items():
+        rows.append(f"| {name} (paper) | {cell(ref['dino'])} | {cell(ref['clip_i'])} | {cell(ref['clip_t'])} |")
+    return "\n".join(rows) + "\n"
+
+
+@dataclass
+class EvalConfig:
+    """Score generated images: CLIP-T against prompts, CLIP-I / DINO against reference images."""
+
+    images: str = field(default="", metadata={"help": "folder of generated images (a sample manifest is read)"})
+    prompts: str | None = field(default=None, metadata={"help": "text file, one prompt per image (sorted names)"})
+    prompt: str | None = field(default=None, metadata={"help": "one prompt for every image"})
+    reference: str | None = field(default=None, metadata={"help": "folder of the concept's real images"})
+    clip_model: str = field(default="", metadata={"help": "CLIP folder or hub id"})
+    dino_model: str | None = field(default=None, metadata={"help": "DINO ViT folder or hub id (optional)"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    out: str = field(default="metrics.json", metadata={"help": "where to write the scores"})
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, float]:
+    if not cfg.images or not cfg.clip_model:
+        raise UserError("--images and --clip-model are required")
+    folder = Path(cfg.images)
+    manifest = folder / "manifest.json"
+    if manifest.is_file() and not (cfg.prompt or cfg.prompts):
+        entries = json.loads(manifest.read_text())["images"]
+        images = [load_image(folder / e["file"]) for e in entries]
+        prompts: str | list[str] = [e["prompt"] for e in entries]
+    else:
+        images = load_images(folder, "images")
+        if cfg.prompts:
+            pf = Path(cfg.prompts)
+            if not pf.is_file():
+                raise UserError(f"prompts file '{pf}' does not exist")
+            prompts = [line.strip() for line in pf.read_text().splitlines() if line.strip()]
+        elif cfg.prompt:
+            prompts = cfg.prompt
+        else:
+            raise UserError("give --prompt TEXT, --prompts FILE, or a folder written by difflora sample")
+    reference = load_images(cfg.reference, "reference") if cfg.reference else None
+    scores = score_images(images, prompts, reference, cfg.clip_model, cfg.dino_model, cfg.device)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(scores, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown_table(scores))
+    return scores
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(EvalConfig, argv, prog="difflora eval")
+    scores = evaluate(cfg)
+    print(markdown_table(scores))
