@@ -79,6 +79,7 @@ class DreamBoothConfig:
     adam_beta2: float = _h("AdamW beta2", 0.999)
     adam_weight_decay: float = _h("decoupled weight decay", 1e-2)
     adam_epsilon: float = _h("AdamW epsilon", 1e-8)
+    sgd_momentum: float = _h("momentum of sgd / scaled_sgd", 0.0)
     use_8bit_adam: bool = _h("shorthand for --optimizer adamw8bit (needs bitsandbytes)", False)
     lr_scheduler: str = _h("diffusers schedule: constant, constant_with_warmup, linear, cosine, ...", "constant")
     lr_warmup_steps: int = _h("warm-up steps of the LR schedule", 0)
@@ -223,6 +224,7 @@ def train(cfg: DreamBoothConfig) -> dict:
     unet, vae, text_encoders = base.unet, base.vae, base.text_encoders
     for module in (unet, vae, *text_encoders):
         module.requires_grad_(False)
+    torch.manual_seed(cfg.seed)  # LoRA A factors are initialised from the global generator
     alpha = cfg.lora_alpha if cfg.lora_alpha is not None else float(cfg.rank)
     targets = LORA_TARGET_PRESETS[cfg.lora_targets]
     add_lora(unet, cfg.rank, alpha, targets["unet"])
@@ -271,10 +273,14 @@ def train(cfg: DreamBoothConfig) -> dict:
     groups = _lr_groups(cfg, unet, text_encoders, lr_scale)
     trainable = {n: p for g in groups for n, p in g["params"]}
     try:
-        optimizer = build_optimizer(
-            cfg.optimizer, groups, lr=cfg.learning_rate * lr_scale, weight_decay=cfg.adam_weight_decay,
-            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, reg=cfg.optimizer_reg,
-        )
+        options = {"lr": cfg.learning_rate * lr_scale, "weight_decay": cfg.adam_weight_decay}
+        if "sgd" in cfg.optimizer:
+            options["momentum"] = cfg.sgd_momentum
+        else:
+            options.update(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+        if cfg.optimizer.startswith("scaled_") or cfg.optimizer == "peft_riemannian":
+            options["reg"] = cfg.optimizer_reg
+        optimizer = build_optimizer(cfg.optimizer, groups, **options)
     except (ValueError, ImportError) as err:
         raise UserError(f"cannot build optimizer '{cfg.optimizer}': {err}") from None
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,

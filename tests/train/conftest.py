@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "concepts"
+
+
+@pytest.fixture
+def concept_dir(tmp_path) -> Path:
+    """A writable copy of a shipped concept set."""
+    dst = tmp_path / "concept"
+    shutil.copytree(ASSETS / "checkered_star", dst)
+    return dst
+
+
+@pytest.fixture
+def db_args(tiny_sd, concept_dir, tmp_path):
+    """Command-line flags of a fast DreamBooth run on the tiny model."""
+
+    def make(out: str = "out", *extra: str) -> list[str]:
+        return [
+            "--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(concept_dir),
+            "--instance_prompt", "a photo of sks star", "--resolution", "32", "--train_batch_size", "2",
+            "--max_train_steps", "4", "--checkpointing_steps", "100", "--num_validation_images", "1",
+            "--validation_inference_steps", "2", "--output_dir", str(tmp_path / out), *extra,
+        ]
+
+    return make
