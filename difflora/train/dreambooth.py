@@ -384,46 +384,48 @@ def train(cfg: DreamBoothConfig) -> dict:
                disable=not accelerator.is_local_main_process)
     last_checkpoint = ckpt.list_checkpoints(out)[-1].name if ckpt.list_checkpoints(out) else None
     t0 = time.perf_counter()
-    while step < max_steps:
-        step_loss = 0.0
-        for micro in range(accum):
-            first_k = (step * accum + micro) * global_batch
-            sync = contextlib.ExitStack()
-            if micro < accum - 1:
-                for m in (unet, *trained_encoders):
-                    sync.enter_context(accelerator.no_sync(m))
-            with sync:
-                examples, ks = micro_batch(0, instances, first_k)
-                loss = forward_loss(examples, ks, stream=0)
-                if classes is not None:
-                    cls_examples, cls_ks = micro_batch(1, classes, first_k)
-                    loss = loss + cfg.prior_loss_weight * forward_loss(cls_examples, cls_ks, stream=1)
-                if not torch.isfinite(loss):
-                    raise UserError(f"the loss became {loss.item()} at step {step + 1}; the last good checkpoint "
-                                    f"is {last_checkpoint or 'none'}; lower --learning_rate or use fp32")
-                accelerator.backward(loss / accum)
-            step_loss += loss.detach().item() / accum
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        mean_loss = accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean").item()
-        losses.append(mean_loss)
-        lr = lr_scheduler.get_last_lr()[0]
-        bar.update(1)
-        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-        if cfg.report_to != "none":
-            accelerator.log({"loss": mean_loss, "lr": lr}, step=step)
-        if step % cfg.checkpointing_steps == 0 and step < max_steps and accelerator.is_main_process:
-            weights = {n: p.detach() for n, p in trainable.items()}
-            path = ckpt.save_checkpoint(out, step, weights, optimizer, lr_scheduler,
-                                        {**identity, "losses": losses}, cfg.checkpoints_total_limit)
-            last_checkpoint = path.name
-        if validation_every and step % validation_every == 0 and step < max_steps:
-            validate(step)
-    bar.close()
+    try:
+        while step < max_steps:
+            step_loss = 0.0
+            for micro in range(accum):
+                first_k = (step * accum + micro) * global_batch
+                sync = contextlib.ExitStack()
+                if micro < accum - 1:
+                    for m in (unet, *trained_encoders):
+                        sync.enter_context(accelerator.no_sync(m))
+                with sync:
+                    examples, ks = micro_batch(0, instances, first_k)
+                    loss = forward_loss(examples, ks, stream=0)
+                    if classes is not None:
+                        cls_examples, cls_ks = micro_batch(1, classes, first_k)
+                        loss = loss + cfg.prior_loss_weight * forward_loss(cls_examples, cls_ks, stream=1)
+                    if not torch.isfinite(loss):
+                        raise UserError(f"the loss became {loss.item()} at step {step + 1}; the last good checkpoint "
+                                        f"is {last_checkpoint or 'none'}; lower --learning_rate or use fp32")
+                    accelerator.backward(loss / accum)
+                step_loss += loss.detach().item() / accum
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            mean_loss = accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean").item()
+            losses.append(mean_loss)
+            lr = lr_scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+            if cfg.report_to != "none":
+                accelerator.log({"loss": mean_loss, "lr": lr}, step=step)
+            if step % cfg.checkpointing_steps == 0 and step < max_steps and accelerator.is_main_process:
+                weights = {n: p.detach() for n, p in trainable.items()}
+                path = ckpt.save_checkpoint(out, step, weights, optimizer, lr_scheduler,
+                                            {**identity, "losses": losses}, cfg.checkpoints_total_limit)
+                last_checkpoint = path.name
+            if validation_every and step % validation_every == 0 and step < max_steps:
+                validate(step)
+    finally:
+        bar.close()
     seconds = time.perf_counter() - t0
     accelerator.wait_for_everyone()
 
