@@ -431,7 +431,7 @@ def train(cfg: DreamBoothConfig) -> dict:
 
     # ---- outputs ------------------------------------------------------------------------------------
     summary = {"output_dir": str(out), "steps": step, "final_loss": losses[-1] if losses else None,
-               "seconds": seconds}
+               "seconds": seconds, "is_main_process": accelerator.is_main_process}
     if accelerator.is_main_process:
         from difflora.lora_io import save_lora
 
@@ -466,4 +466,6 @@ def train(cfg: DreamBoothConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(DreamBoothConfig, argv, prog="difflora dreambooth")
     summary = train(cfg)
-    print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, wrote {summary['output_dir']}")
+    if summary["is_main_process"]:
+        print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+              f"wrote {summary['output_dir']}")
