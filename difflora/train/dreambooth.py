@@ -106,7 +106,7 @@ class DreamBoothConfig:
     output_kohya_format: bool = _h("also write a kohya-format file for A1111 / ComfyUI", False)
     # Validation and reporting
     validation_prompt: str | None = _h("prompt(s) for sample grids, separated by '|'; default: instance_prompt")
-    num_validation_images: int = _h("seeds per validation prompt", 4)
+    num_validation_images: int = _h("seeds per validation prompt (0 turns sample grids off)", 4)
     validation_steps: int | None = _h("sample a grid every N steps (and always at the start and end)")
     validation_epochs: int | None = _h("as in diffusers: sample every N epochs (converted to steps)")
     validation_inference_steps: int = _h("sampler steps of validation grids", 25)
@@ -364,7 +364,7 @@ def train(cfg: DreamBoothConfig) -> dict:
     samples_dir = out / "samples"
 
     def validate(at_step: int):
-        if not accelerator.is_main_process:
+        if not accelerator.is_main_process or cfg.num_validation_images <= 0:
             return None
         pipe = pipeline_from(base, _unwrap(accelerator, unet),
                              [_unwrap(accelerator, e) for e in live_encoders], base.noise_scheduler.config)
@@ -457,7 +457,7 @@ def train(cfg: DreamBoothConfig) -> dict:
                     metrics[label] = score_images(flat, prompts, reference, cfg.clip_model, device=str(device))
         write_metrics(out / "metrics.json", metrics)
         card = config_to_dict(cfg) | {"max_train_steps": step}
-        write_model_card(out, card, f"samples/step-{step}.png", summary["final_loss"])
+        write_model_card(out, card, f"samples/step-{step}.png" if after is not None else None, summary["final_loss"])
         summary["metrics"] = metrics
     accelerator.end_training()
     return summary
