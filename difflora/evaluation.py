@@ -57,7 +57,7 @@ class _TensorFeatures(nn.Module):
         return _as_tensor(self.model.get_image_features(*args, **kwargs))
 
 
-_CACHE: dict[tuple[str, str], tuple] = {}
+_CACHE: dict[tuple[str, str, str], tuple] = {}  # (kind, name, device) -> (model, processor)
 
 
 def _clip(name: str, device: str):
@@ -157,12 +157,32 @@ def score_images(images: list[Image.Image], prompts: str | list[str], reference:
     return scores
 
 
-def load_images(folder: str | Path, what: str = "images") -> list[Image.Image]:
+def load_images(folder: str | Path, what: str = "images", flag: str | None = None) -> list[Image.Image]:
+    """Every readable image of ``folder`` in name order (unreadable ones are skipped with a warning).
+
+    A missing or empty folder is a :class:`UserError` naming ``flag`` (default ``--<what>``).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{what} folder '{folder}' does not exist; check {flag or '--' + what}")
     return [load_image(p) for p in find_images(folder, what)]
 
 
+def _load_listed(folder: Path, names: list[str]) -> list[Image.Image]:
+    """The images a sample manifest lists; a missing or broken one is named."""
+    images = []
+    for name in names:
+        try:
+            images.append(load_image(folder / name))
+        except (OSError, ValueError, SyntaxError):
+            raise UserError(f"image '{folder / name}' listed in manifest.json is missing or unreadable; "
+                            "re-run difflora sample or drop the manifest") from None
+    return images
+
+
 def markdown_table(scores: dict[str, float]) -> str:
-    rows = ["| | DINO | CLIP-I | CLIP-T |", "|---|---|---|---|"]
+    """Our scores beside the DreamBooth paper's (cosines in [0, 1]; higher is better)."""
+    rows = ["| cosine similarity | DINO | CLIP-I | CLIP-T |", "|---|---|---|---|"]
 
     def cell(v):
         return "-" if v is None else f"{v:.3f}"
@@ -178,7 +198,8 @@ class EvalConfig:
     """Score generated images: CLIP-T against prompts, CLIP-I / DINO against reference images."""
 
     images: str = field(default="", metadata={"help": "folder of generated images (a sample manifest is read)"})
-    prompts: str | None = field(default=None, metadata={"help": "text file, one prompt per image (sorted names)"})
+    prompts: str | None = field(default=None, metadata={
+        "help": "text file, one prompt per image (in name order, or the manifest's order)"})
     prompt: str | None = field(default=None, metadata={"help": "one prompt for every image"})
     reference: str | None = field(default=None, metadata={"help": "folder of the concept's real images"})
     clip_model: str = field(default="", metadata={"help": "CLIP folder or hub id"})
@@ -188,31 +209,38 @@ class EvalConfig:
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, float]:
+    """Score a folder of images; write ``cfg.out`` (JSON) and a markdown table beside it."""
     if not cfg.images or not cfg.clip_model:
         raise UserError("--images and --clip-model are required")
     folder = Path(cfg.images)
     manifest = folder / "manifest.json"
-    if manifest.is_file() and not (cfg.prompt or cfg.prompts):
-        entries = json.loads(manifest.read_text())["images"]
-        images = [load_image(folder / e["file"]) for e in entries]
-        prompts: str | list[str] = [e["prompt"] for e in entries]
+    prompts: str | list[str] | None = None
+    if manifest.is_file():  # a folder written by difflora sample: its image list, and its prompts
+        try:
+            entries = json.loads(manifest.read_text(encoding="utf-8"))["images"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"'{manifest}' is not a difflora sample manifest; remove it or re-run "
+                            "difflora sample") from None
+        images = _load_listed(folder, [e["file"] for e in entries])
+        prompts = [e["prompt"] for e in entries]
     else:
         images = load_images(folder, "images")
-        if cfg.prompts:
-            pf = Path(cfg.prompts)
-            if not pf.is_file():
-                raise UserError(f"prompts file '{pf}' does not exist")
-            prompts = [line.strip() for line in pf.read_text().splitlines() if line.strip()]
-        elif cfg.prompt:
-            prompts = cfg.prompt
-        else:
-            raise UserError("give --prompt TEXT, --prompts FILE, or a folder written by difflora sample")
+    if cfg.prompts:
+        from difflora.sampling import read_prompts
+
+        prompts = read_prompts(cfg.prompts)
+    elif cfg.prompt:
+        prompts = cfg.prompt
+    if prompts is None:
+        raise UserError("give --prompt TEXT, --prompts FILE, or a folder written by difflora sample")
     reference = load_images(cfg.reference, "reference") if cfg.reference else None
     scores = score_images(images, prompts, reference, cfg.clip_model, cfg.dino_model, cfg.device)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(scores, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown_table(scores))
+    for path, text in ((out, json.dumps(scores, indent=2) + "\n"), (out.with_suffix(".md"), markdown_table(scores))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
     return scores
 
 

@@ -8,7 +8,8 @@ wraps both: base model + LoRA files -> images, a grid and a manifest that reprod
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -30,7 +31,15 @@ SCHEDULERS = {
 def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int = 25, guidance: float = 7.5,
              negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
              batch_size: int = 8, progress: bool = True) -> list[list[Image.Image]]:
-    """Images indexed ``[prompt][seed]``; each uses ``torch.Generator().manual_seed(seed)``."""
+    """Images indexed ``[prompt][seed]``.
+
+    Each image gets its own ``torch.Generator(device).manual_seed(seed)``, so the image of a
+    (prompt, seed) pair is the same whatever the batch size or the other prompts.
+    """
+    if not prompts or not seeds:
+        raise UserError("sampling needs at least one prompt and one seed")
+    if batch_size <= 0:
+        raise UserError(f"batch_size must be positive, got {batch_size}")
     jobs = [(i, j) for i in range(len(prompts)) for j in range(len(seeds))]
     rows: list[list[Image.Image | None]] = [[None] * len(seeds) for _ in prompts]
     device = getattr(pipe, "device", torch.device("cpu"))
@@ -112,11 +121,17 @@ class SampleConfig:
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, mps"})
     batch_size: int = field(default=8, metadata={"help": "images per pipeline call"})
     out: str = field(default="samples", metadata={"help": "output folder"})
-    manifest: str | None = field(default=None, metadata={"help": "re-run the settings of a manifest.json"})
+    manifest: str | None = field(default=None, metadata={
+        "help": "re-run the settings of a manifest.json (other flags given override them, e.g. --out)"})
 
     def validate(self) -> None:
         if self.scheduler not in SCHEDULERS:
             raise UserError(f"unknown scheduler '{self.scheduler}'; valid: {', '.join(SCHEDULERS)}")
+        if not self.seeds:
+            raise UserError("--seeds is empty; give at least one seed, e.g. --seeds 0 1 2")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
 
 
 def _parse_lora(spec: str) -> tuple[str, float]:
@@ -129,24 +144,38 @@ def _parse_lora(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+def read_prompts(path: str | Path) -> list[str]:
+    """Non-empty lines of a prompts file (``#`` starts a comment line)."""
+    pf = Path(path)
+    if not pf.is_file():
+        raise UserError(f"prompts file '{pf}' does not exist; pass a text file with one prompt per line")
+    prompts = [line.strip() for line in pf.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise UserError(f"prompts file '{pf}' is empty; write one prompt per line")
+    return prompts
+
+
+def _absolute_if_local(path: str) -> str:
+    """Local paths become absolute so a manifest re-runs from any folder; hub ids stay as they are."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
 def sample(cfg: SampleConfig) -> Path:
-    """Run a sampling job; return the output folder."""
-    prompts = list(cfg.prompt)
-    if cfg.prompts:
-        pf = Path(cfg.prompts)
-        if not pf.is_file():
-            raise UserError(f"prompts file '{pf}' does not exist")
-        prompts += [line.strip() for line in pf.read_text().splitlines() if line.strip()]
+    """Run a sampling job; return the output folder (images, grid.png, manifest.json)."""
     if not cfg.model:
         raise UserError("missing --model; give a hub id or a diffusers folder")
+    prompts = list(cfg.prompt) + (read_prompts(cfg.prompts) if cfg.prompts else [])
     if not prompts:
         raise UserError("no prompt given; use --prompt TEXT (repeatable) or --prompts FILE")
     loras = [_parse_lora(s) for s in cfg.lora]
     for path, _ in loras:
         if not Path(path).exists():
-            raise UserError(f"LoRA file '{path}' does not exist")
+            raise UserError(f"LoRA file '{path}' does not exist; check --lora FILE[:SCALE]")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; choose a folder path")
+    # Everything that can fail on the user's input happens before anything is written.
     pipe = load_pipeline(cfg.model, cfg.dtype, cfg.device, cfg.scheduler)
     if loras:
         from difflora.lora_io import apply_loras
@@ -154,28 +183,55 @@ def sample(cfg: SampleConfig) -> Path:
         apply_loras(pipe, loras)
     rows = generate(pipe, prompts, cfg.seeds, steps=cfg.steps, guidance=cfg.guidance, negative_prompt=cfg.negative,
                     height=cfg.height, width=cfg.width, batch_size=cfg.batch_size)
+    out.mkdir(parents=True, exist_ok=True)
     images = []
     for i, row in enumerate(rows):
         for j, image in enumerate(row):
             name = f"p{i:02d}-s{cfg.seeds[j]}.png"
-            image.save(out / name)
+            _atomic_save(image, out / name)
             images.append({"file": name, "prompt": prompts[i], "seed": cfg.seeds[j]})
-    make_grid(rows, prompts, [f"seed {s}" for s in cfg.seeds]).save(out / "grid.png")
-    settings = config_to_dict(cfg) | {"prompt": prompts, "prompts": None, "manifest": None}
-    (out / "manifest.json").write_text(json.dumps({"settings": settings, "images": images}, indent=2))
+    _atomic_save(make_grid(rows, prompts, [f"seed {s}" for s in cfg.seeds]), out / "grid.png")
+    settings = config_to_dict(cfg) | {
+        "model": _absolute_if_local(cfg.model),
+        "lora": [f"{_absolute_if_local(p)}:{w:g}" for p, w in loras],
+        "prompt": prompts, "prompts": None, "manifest": None,
+    }
+    tmp = out / ".manifest.json.tmp"
+    tmp.write_text(json.dumps({"settings": settings, "images": images}, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "manifest.json")
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(argv or [])
-    cfg = parse_config(SampleConfig, argv, prog="difflora sample")
-    if cfg.manifest:
-        mf = Path(cfg.manifest)
-        if not mf.is_file():
-            raise UserError(f"manifest '{mf}' does not exist")
-        settings = json.loads(mf.read_text())["settings"]
-        settings.update(out=cfg.out if "--out" in " ".join(argv) or any(a.startswith("out=") for a in argv)
-                        else settings["out"])
+def _atomic_save(image: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+def config_from_manifest(manifest: str | Path, overrides: SampleConfig | None = None) -> SampleConfig:
+    """The settings of a ``manifest.json``; fields of ``overrides`` that differ from the defaults win."""
+    mf = Path(manifest)
+    if not mf.is_file():
+        raise UserError(f"manifest '{mf}' does not exist; pass the manifest.json written by difflora sample")
+    try:
+        settings = json.loads(mf.read_text(encoding="utf-8"))["settings"]
         cfg = SampleConfig(**settings)
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"'{mf}' is not a difflora sample manifest ({type(err).__name__}); "
+                        "pass the manifest.json written by difflora sample") from None
+    if overrides is not None:
+        defaults = SampleConfig()
+        for f in fields(SampleConfig):
+            value = getattr(overrides, f.name)
+            if f.name != "manifest" and value != getattr(defaults, f.name):
+                setattr(cfg, f.name, value)
+    cfg.validate()
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(SampleConfig, list(argv or []), prog="difflora sample")
+    if cfg.manifest:
+        cfg = config_from_manifest(cfg.manifest, overrides=cfg)
     out = sample(cfg)
     print(f"wrote {out / 'grid.png'} and {out / 'manifest.json'}")
