@@ -101,16 +101,26 @@ class Example:
     prompt: str
     original_size: tuple[int, int]  # (h, w), SDXL micro-conditioning
     crop_top_left: tuple[int, int]
+    mask: torch.Tensor | None = None  # (1, R, R) in [0, 1], cropped and flipped with the image
 
 
 class ImageSet:
     """A folder of images with prompts, augmented deterministically per (seed, epoch, index)."""
 
     def __init__(self, paths: list[Path], prompts: list[str], resolution: int, center_crop: bool = False,
-                 random_flip: bool = False, seed: int = 0):
+                 random_flip: bool = False, seed: int = 0, masks: list[Path | None] | None = None):
         self.paths, self.prompts = paths, prompts
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
         self._images = [load_image(p) for p in paths]
+        # Masks (white = the subject) weight the loss; an image without one counts everywhere.
+        self._masks = None if masks is None else [
+            Image.open(m).convert("L") if m is not None else Image.new("L", im.size, 255)
+            for m, im in zip(masks, self._images)]
+        if self._masks is not None:
+            for m, im, p in zip(self._masks, self._images, paths):
+                if m.size != im.size:
+                    raise UserError(f"the mask of '{p.name}' is {m.size[0]}x{m.size[1]} but the image is "
+                                    f"{im.size[0]}x{im.size[1]}; give masks the size of their images")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -120,9 +130,21 @@ class ImageSet:
         image = self._images[index]
         original = (image.height, image.width)
         image, crop = resize_and_crop(image, self.resolution, self.center_crop, g)
-        if self.random_flip and bool(torch.rand((), generator=g) < 0.5):
+        flip = self.random_flip and bool(torch.rand((), generator=g) < 0.5)
+        if flip:
             image = ImageOps.mirror(image)
-        return Example(to_tensor(image), self.prompts[index], original, crop)
+        mask = None
+        if self._masks is not None:
+            m = self._masks[index]
+            scale = self.resolution / min(m.size)
+            size = (max(self.resolution, round(m.width * scale)), max(self.resolution, round(m.height * scale)))
+            top, left = crop
+            m = m.resize(size, Image.Resampling.BILINEAR).crop(
+                (left, top, left + self.resolution, top + self.resolution))
+            if flip:
+                m = ImageOps.mirror(m)
+            mask = torch.from_numpy(np.asarray(m, dtype=np.float32).copy())[None] / 255.0
+        return Example(to_tensor(image), self.prompts[index], original, crop, mask)
 
     def order(self, epoch: int) -> list[int]:
         """The shuffled index order of one epoch (same for every process and every resume)."""
@@ -132,8 +154,31 @@ class ImageSet:
 
 def load_image_set(folder: str | Path, prompt: str, resolution: int, *, center_crop: bool = False,
                    random_flip: bool = False, captions: bool = False, seed: int = 0,
-                   what: str = "instance") -> ImageSet:
-    """Find, validate and load a folder of training images with their prompts."""
+                   what: str = "instance", caption_dir: str | Path | None = None,
+                   mask_dir: str | Path | None = None) -> ImageSet:
+    """Find, validate and load a folder of training images with their prompts (and masks).
+
+    Captions are ``name.txt`` beside each image, or in ``caption_dir`` when given; masks are
+    ``name.png`` (any image format) in ``mask_dir``.
+    """
     paths = find_images(folder, what)
-    prompts = [read_caption(p, prompt) if captions else prompt for p in paths]
-    return ImageSet(paths, prompts, resolution, center_crop, random_flip, seed)
+    if caption_dir is not None and not Path(caption_dir).is_dir():
+        raise UserError(f"caption folder '{caption_dir}' does not exist; check --caption_dir")
+    if captions or caption_dir is not None:
+        where = Path(caption_dir) if caption_dir is not None else None
+        prompts = [read_caption(where / p.name if where else p, prompt) for p in paths]
+    else:
+        prompts = [prompt] * len(paths)
+    masks = None
+    if mask_dir is not None:
+        if not Path(mask_dir).is_dir():
+            raise UserError(f"mask folder '{mask_dir}' does not exist; check --mask_dir")
+        found = {m.stem: m for m in find_images(mask_dir, "mask")}
+        masks = [found.get(p.stem) for p in paths]
+        if all(m is None for m in masks):
+            raise UserError(f"no mask in '{mask_dir}' matches an image name; name each mask like its image "
+                            "(e.g. 0.png for 0.jpg)")
+        missing = [p.name for p, m in zip(paths, masks) if m is None]
+        if missing:
+            logger.warning("no mask for %s: their loss covers the whole image", ", ".join(missing))
+    return ImageSet(paths, prompts, resolution, center_crop, random_flip, seed, masks)

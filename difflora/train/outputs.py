@@ -13,12 +13,16 @@ from difflora.errors import UserError
 from difflora.lora_io import LORA_WEIGHT_NAME
 
 
-def prepare_output_dir(output_dir: str | Path, overwrite: bool, resuming: bool) -> Path:
-    """Create ``output_dir`` or check that writing into it loses nothing."""
+def prepare_output_dir(output_dir: str | Path, overwrite: bool, resuming: bool,
+                       result_name: str = LORA_WEIGHT_NAME) -> Path:
+    """Create ``output_dir`` or check that writing into it loses nothing.
+
+    ``result_name`` is the file that marks a finished run (the LoRA file, or an ED-LoRA concept file).
+    """
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir '{out}' is a file; choose a folder path")
-    if (out / LORA_WEIGHT_NAME).exists() and not (overwrite or resuming):
+    if (out / result_name).exists() and not (overwrite or resuming):
         raise UserError(f"output_dir '{out}' already holds a finished run; pass --overwrite to replace it, "
                         "--resume_from_checkpoint latest to continue it, or choose another folder")
     out.mkdir(parents=True, exist_ok=True)
