@@ -45,7 +45,9 @@ def make_sd15_size_model(folder: Path) -> Path:
     tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tokenizer"))
     torch.manual_seed(0)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=1024,
-                                        num_hidden_layers=2, num_attention_heads=12, max_position_embeddings=77))
+                                        num_hidden_layers=2, num_attention_heads=12, max_position_embeddings=77,
+                                        bos_token_id=len(tok) - 2, eos_token_id=len(tok) - 1,
+                                        pad_token_id=len(tok) - 1))
     vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32,
                         layers_per_block=1, sample_size=512)
@@ -107,6 +109,16 @@ def worker_bare(model: Path, resolution: int, steps: int, batch: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, unlike ru_maxrss, is not inherited from the parent."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_worker(kind: str, model: Path, resolution: int, steps: int, batch: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", str(model), "--resolution", str(resolution),
            "--steps", str(steps), "--batch", str(batch)]
@@ -128,7 +140,7 @@ def main() -> None:
     if args.worker:
         fn = worker_trainer if args.worker == "trainer" else worker_bare
         per_step = fn(args.model, args.resolution, args.steps, args.batch)
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_mb = peak_rss_mb()
         print(json.dumps({"per_step": per_step, "peak_mb": peak_mb}))
         return
 
