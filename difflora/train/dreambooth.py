@@ -326,7 +326,7 @@ def train(cfg: DreamBoothConfig) -> dict:
             return _encode_images(vae, pixels, gens)
         # Cached: one posterior sample per (stream, image content) drawn once, reused every epoch.
         out_latents = []
-        for e, px, g in zip(examples, pixels, gens):
+        for px, g in zip(pixels, gens):
             key = (stream, hash(px.numpy().tobytes()), 0)
             if key not in latent_cache:
                 latent_cache[key] = _encode_images(vae, px[None], [g])[0]

@@ -67,7 +67,7 @@ def test_same_seed_same_weights_and_resume_is_bit_identical(db_args, tmp_path):
     assert summary["steps"] == 4
     c = load_file(tmp_path / "b" / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(a[k], c[k]) for k in a)
-    lora_changed = max((a[k].abs().max().item() for k in a if "lora_B" in k))
+    lora_changed = max(a[k].abs().max().item() for k in a if "lora_B" in k)
     assert lora_changed > 0
 
 
