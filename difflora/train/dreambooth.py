@@ -136,6 +136,11 @@ class DreamBoothConfig:
             self.optimizer = "adamw8bit"
         if self.optimizer not in OPTIMIZER_NAMES:
             raise UserError(f"unknown --optimizer '{self.optimizer}'; valid: {', '.join(OPTIMIZER_NAMES)}")
+        from diffusers.optimization import SchedulerType
+
+        schedules = [t.value for t in SchedulerType]
+        if self.lr_scheduler not in schedules:
+            raise UserError(f"unknown --lr_scheduler '{self.lr_scheduler}'; valid: {', '.join(schedules)}")
         if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
             raise UserError("--with_prior_preservation needs --class_data_dir and --class_prompt")
 
@@ -206,11 +211,14 @@ def train(cfg: DreamBoothConfig) -> dict:
     if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest" and resume is None:
         raise UserError(f"checkpoint '{cfg.resume_from_checkpoint}' does not exist")
     prepare_output_dir(out, cfg.overwrite, resuming=resume is not None)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision or "no",
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_dir=str(out / cfg.logging_dir),
-    )
+    try:
+        accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision or "no",
+            log_with=None if cfg.report_to == "none" else cfg.report_to,
+            project_dir=str(out / cfg.logging_dir),
+        )
+    except (ValueError, RuntimeError) as err:  # e.g. fp16 asked for on a machine without a GPU
+        raise UserError(f"cannot set up training: {str(err).strip().splitlines()[0]}") from None
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         raise UserError("DeepSpeed / FSDP shard LoRA factors, but the preconditioner needs whole factors; "
                         "launch with plain DDP (accelerate launch --multi_gpu) instead")
@@ -280,6 +288,12 @@ def train(cfg: DreamBoothConfig) -> dict:
             options.update(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
         if cfg.optimizer.startswith("scaled_") or cfg.optimizer == "peft_riemannian":
             options["reg"] = cfg.optimizer_reg
+        if cfg.optimizer == "peft_riemannian":  # peft's version walks one model, at one learning rate
+            if cfg.train_text_encoder:
+                raise UserError("optimizer 'peft_riemannian' handles one model; drop --train_text_encoder "
+                                "or use scaled_adamw")
+            groups = [{"params": groups[0]["params"]}]
+            options["model"] = unet
         optimizer = build_optimizer(cfg.optimizer, groups, **options)
     except (ValueError, ImportError) as err:
         raise UserError(f"cannot build optimizer '{cfg.optimizer}': {err}") from None

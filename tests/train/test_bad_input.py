@@ -123,3 +123,11 @@ def test_entry_script_prints_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("train_dreambooth.py: error:")
+
+
+def test_unknown_lr_scheduler(db_args, capsys):
+    _fails(db_args() + ["--lr_scheduler", "cosinus"], capsys, "unknown --lr_scheduler 'cosinus'; valid:")
+
+
+def test_unknown_optimizer(db_args, capsys):
+    _fails(db_args() + ["--optimizer", "lion"], capsys, "unknown --optimizer 'lion'; valid:")
