@@ -94,7 +94,7 @@ def load_pipeline(model: str, dtype: str = "float32", device: str = "cpu", sched
     if path.exists() and not (path / "model_index.json").is_file():
         raise UserError(f"'{model}' is not a diffusers model folder (no model_index.json)")
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, safety_checker=None)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, safety_checker=None)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model '{model}': {str(err).strip().splitlines()[0]}") from None
     pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)

@@ -19,9 +19,12 @@ def noise_images(n: int, seed: int, size: int = 32) -> list[Image.Image]:
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    """Exit code and the error line(s) (loaders' progress bars also go to stderr)."""
     with pytest.raises(SystemExit) as exc:
         cli(args)
-    return exc.value.code, capsys.readouterr().err.strip()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return exc.value.code, "\n".join(line for line in err.splitlines() if ": error: " in line)
 
 
 @pytest.fixture(scope="module")
