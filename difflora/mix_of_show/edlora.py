@@ -324,13 +324,13 @@ def add_concept_tokens(tokenizer, text_encoder, words: list[str], initializers: 
     width = table.weight.shape[1]
     rows = []
     for init in initializers:
-        if init == "rand":
-            row = torch.randn(width, generator=generator) * init_std
-        else:
-            ids = tokenizer(init, add_special_tokens=False).input_ids
-            if not ids or any(i >= start for i in ids):
-                raise UserError(f"--initializer word {init!r} is not in the tokenizer; use 'rand' or a class word")
-            row = table.weight.detach()[ids].float().mean(0).cpu()
+        if init == "rand":  # each layer's token drawn on its own
+            rows.append(torch.randn(num_layers, width, generator=generator) * init_std)
+            continue
+        ids = tokenizer(init, add_special_tokens=False).input_ids
+        if not ids or any(i >= start for i in ids):
+            raise UserError(f"--initializer word {init!r} is not in the tokenizer; use 'rand' or a class word")
+        row = table.weight.detach()[ids].float().mean(0).cpu()  # a multi-token class word: their mean
         rows.append(row.expand(num_layers, width))
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     table = text_encoder.get_input_embeddings()
@@ -429,6 +429,11 @@ def check_base_model(concept: EDLoRAFile, unet: nn.Module, text_encoder: nn.Modu
 # ------------------------------------------------------------------------------------------------
 
 
+def latent_mask(masks: list[torch.Tensor], size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """(B, 1, h, w) pixel masks averaged down to the latent grid (a cell half covered weighs 0.5)."""
+    return F.interpolate(torch.stack(masks), size=tuple(size), mode="area")
+
+
 def _placeholder(text: str, cfg: EDLoRAConfig, source: str) -> str:
     if cfg.caption_placeholder not in text:
         raise UserError(f"{source} {text!r} has no {cfg.caption_placeholder!r}; write it where the concept "
@@ -479,6 +484,7 @@ def train(cfg: EDLoRAConfig) -> dict[str, Any]:
     targets = LORA_TARGET_PRESETS["attention"]
     add_lora(unet, cfg.rank, alpha, targets["unet"])
     add_lora(text_encoder, cfg.rank, alpha, targets["text_encoder"])
+    embedding.rows.requires_grad_(True)  # peft freezes every non-LoRA parameter it finds
     for module in (unet, vae, text_encoder):
         module.to(device)
     seq_len = tokenizer.model_max_length
@@ -540,8 +546,7 @@ def train(cfg: EDLoRAConfig) -> dict[str, Any]:
         pred = unet(noisy, timesteps, cond).sample
         mask = None
         if examples[0].mask is not None:
-            mask = F.interpolate(torch.stack([e.mask for e in examples]).to(device), size=latents.shape[-2:],
-                                 mode="area")
+            mask = latent_mask([e.mask for e in examples], latents.shape[-2:]).to(device)
         target = target_for(base.noise_scheduler, latents, noise, timesteps)
         return diffusion_loss(pred, target, timesteps, base.noise_scheduler, cfg.snr_gamma, mask=mask).mean()
 

@@ -19,6 +19,7 @@ The output is a diffusers folder (``StableDiffusionPipeline.from_pretrained`` lo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from difflora.config import config_to_dict, parse_config
 from difflora.errors import UserError
 from difflora.lora_io import LoraLayer, _live_path, _module_names, _read, check_fits, lora_deltas
+from difflora.mix_of_show import edlora
 from difflora.mix_of_show.fusion import (
     DEFAULT_RIDGE,
     GramAccumulator,
@@ -40,6 +42,8 @@ from difflora.mix_of_show.fusion import (
     layer_rows,
     solve_lbfgs,
 )
+
+logger = logging.getLogger(__name__)
 
 CONCEPTS_FILE = "concepts.json"
 REPORT_FILE = "fusion_report.json"
@@ -88,8 +92,12 @@ class Concept:
     layers: dict[str, LoraLayer]
     scale: float = 1.0
     source: str = ""
-    # word -> the token strings that stand for it in prompts (plain LoRAs: the word itself).
+    # word -> the token strings that stand for it in prompts (plain LoRAs: the word itself;
+    # ED-LoRA: one token per cross-attention layer).
     tokens: dict[str, list[str]] = field(default_factory=dict)
+    # ED-LoRA only: word -> (layers, width) token embeddings, and words renamed to avoid a clash.
+    embeddings: dict[str, torch.Tensor] | None = None
+    renamed: dict[str, str] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
@@ -135,11 +143,14 @@ def load_concepts(path: str, pipe: Any) -> list[Concept]:
     names = _module_names(pipe)
     concepts: list[Concept] = []
     for i, entry in enumerate(_concept_entries(path)):
-        state, fmt, header, file = _read(entry["lora"])
         try:
             scale = float(entry.get("scale", 1.0))
         except (TypeError, ValueError):
             raise UserError(f"concept {i + 1}: scale must be a number, got {entry.get('scale')!r}") from None
+        if edlora.is_edlora_file(entry["lora"]):
+            concepts.append(_edlora_concept(i, entry, scale, pipe, names))
+            continue
+        state, fmt, header, file = _read(entry["lora"])
         if "words" not in entry:
             raise UserError(f"concept {i + 1}: '{file}' is a plain LoRA; give its trigger words, "
                             "e.g. words: 'sks dog'")
@@ -149,23 +160,94 @@ def load_concepts(path: str, pipe: Any) -> list[Concept]:
                           layers=layers, scale=scale, source=str(file), tokens={w: [w] for w in words})
         check_fits(concept.layers, pipe, source=f"concept {i + 1} ('{file}')")
         concepts.append(concept)
-    _resolve_word_clashes(concepts)
+    _resolve_word_clashes(concepts, set(pipe.tokenizer.get_vocab()))
+    install_concept_tokens(pipe, concepts)
     return concepts
 
 
-def _resolve_word_clashes(concepts: list[Concept]) -> None:
-    """Refuse two concepts that share a word.
+def _edlora_concept(i: int, entry: dict[str, Any], scale: float, pipe: Any, names: dict[str, list[str]]) -> Concept:
+    """An ED-LoRA concept file: words, layer-wise tokens and embeddings come from the file."""
+    file = Path(entry["lora"])
+    file = file / edlora.EDLORA_FILE if file.is_dir() else file
+    data = edlora.load_edlora(file)
+    source = f"concept {i + 1} ('{file}')"
+    edlora.check_base_model(data, pipe.unet, pipe.text_encoder, source)
+    words, embeddings = data.words, data.embeddings
+    if "words" in entry:  # the user renames the concept's words
+        new = edlora.parse_words(entry["words"])
+        if len(new) != len(words):
+            raise UserError(f"{source} has {len(words)} words ({'+'.join(words)}); 'words' must rename all of them")
+        embeddings = {n: embeddings[w] for n, w in zip(new, words)}
+        words = new
+    layers = lora_deltas(data.lora, names, metadata=data.metadata["header"]) if data.lora else {}
+    num_layers = len(data.layers)
+    concept = Concept(name=str(entry.get("name") or (file.parent.name if file.name == edlora.EDLORA_FILE
+                                                     else file.stem)),
+                      words=words, layers=layers, scale=scale, source=str(file),
+                      tokens={w: edlora.layer_tokens(w, num_layers) for w in words}, embeddings=embeddings)
+    check_fits(concept.layers, pipe, source=source)
+    return concept
+
+
+def _rename(word: str, taken: set[str]) -> str:
+    """``<cat>`` -> ``<cat_2>``, ``<cat_3>``... the first that is free (Mix-of-Show re-indexes)."""
+    k = 2
+    while f"{word[:-1]}_{k}>" in taken:
+        k += 1
+    return f"{word[:-1]}_{k}>"
+
+
+def _resolve_word_clashes(concepts: list[Concept], vocab: set[str]) -> None:
+    """Refuse two plain concepts that share a word; re-index clashing ED-LoRA words.
 
     A plain LoRA's trigger word is ordinary text: the same word in two concepts would reach the
-    fused model as identical inputs and the concepts would silently blur into one.
+    fused model as identical inputs and the concepts would silently blur into one, so the user
+    must rename it. An ED-LoRA word stands for new tokens, so a clash is resolved by renaming it
+    (``<cat>`` -> ``<cat_2>``), logged and recorded in ``concepts.json``.
     """
     seen: dict[str, int] = {}
     for ci, concept in enumerate(concepts):
+        if concept.embeddings is not None:
+            continue
         for word in concept.words:
             if word in seen:
                 raise UserError(f"concepts {seen[word] + 1} and {ci + 1} both use the word '{word}'; give one of "
                                 "them other trigger words in the concepts file")
             seen[word] = ci
+    taken = set(seen)
+    for concept in concepts:
+        if concept.embeddings is None:
+            continue
+        for word in list(concept.words):
+            tokens = concept.tokens[word]
+            if word in taken or any(t in vocab for t in tokens):
+                new = _rename(word, taken | {w for c in concepts for w in c.words})
+                while any(t in vocab for t in edlora.layer_tokens(new, len(tokens))):
+                    new = _rename(new, taken | {new})
+                logger.warning("concept '%s': word %s is already used; renamed to %s", concept.name, word, new)
+                concept.words[concept.words.index(word)] = new
+                concept.tokens = {(new if w == word else w): (edlora.layer_tokens(new, len(tokens)) if w == word
+                                                              else t) for w, t in concept.tokens.items()}
+                concept.embeddings = {(new if w == word else w): e for w, e in concept.embeddings.items()}
+                concept.renamed[word] = new
+                word = new
+            taken.add(word)
+
+
+def install_concept_tokens(pipe: Any, concepts: list[Concept]) -> None:
+    """Add every ED-LoRA concept's layer-wise tokens to the pipeline's tokenizer and text encoder."""
+    rows: dict[str, torch.Tensor] = {}
+    for concept in concepts:
+        for word, emb in (concept.embeddings or {}).items():
+            rows.update(zip(concept.tokens[word], emb))
+    if not rows:
+        return
+    pipe.tokenizer.add_tokens(list(rows))
+    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for token, row in rows.items():
+            table[pipe.tokenizer.convert_tokens_to_ids(token)] = row.to(table)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,6 +338,30 @@ def _prompts(concept: Concept, cfg: FuseConfig) -> list[str]:
     return [t.format(concept.text) for t in cfg.prompt_templates]
 
 
+class _Text:
+    """Encodes prompts for the fusion stages, layer-wise when any concept has layer-wise tokens."""
+
+    def __init__(self, pipe: Any, concepts: list[Concept]):
+        self.pipe = pipe
+        self.tokens = {w: t for c in concepts for w, t in c.tokens.items()}
+        self.layerwise = edlora.is_layerwise(self.tokens)
+        self.layers = edlora.cross_attention_layers(pipe.unet) if self.layerwise else []
+        self.seq_len = pipe.tokenizer.model_max_length
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        if not self.layerwise:
+            return encode_prompts(self.pipe, prompts)
+        return edlora.encode_layerwise(self.pipe.tokenizer, self.pipe.text_encoder, prompts, self.tokens,
+                                       len(self.layers))
+
+    def for_layer(self, hidden: torch.Tensor, key: str) -> torch.Tensor:
+        """The slice of a (layer-wise) encoding that the cross-attention layer of ``key`` reads."""
+        if not self.layerwise:
+            return hidden
+        i = self.layers.index(key[len("unet."):].rsplit(".", 1)[0])
+        return hidden[:, i * self.seq_len:(i + 1) * self.seq_len]
+
+
 def _is_kv(key: str) -> bool:
     return key.startswith("unet.") and bool(re.search(r"attn2\.to_[kv]$", key))
 
@@ -288,9 +394,10 @@ def fuse(cfg: FuseConfig) -> dict[str, Any]:
     weights = _Weights(pipe, keys)
     keep_rows = cfg.method == "lbfgs"
     report: dict[str, Any] = {}
+    text = _Text(pipe, concepts)
 
     def encode(concept: Concept) -> torch.Tensor:
-        return encode_prompts(pipe, _prompts(concept, cfg))
+        return text.encode(_prompts(concept, cfg))
 
     if te_keys:
         def run_te(concept: Concept) -> None:
@@ -303,7 +410,7 @@ def fuse(cfg: FuseConfig) -> dict[str, Any]:
         def run_kv(concept: Concept) -> None:
             hidden = encode(concept)  # the fused text encoder's outputs
             for k in kv_keys:
-                weights.modules[k](hidden)
+                weights.modules[k](text.for_layer(hidden, k))
         accs = _record(weights, kv_keys, concepts, run_kv, keep_rows, "cross-attention k/v")
         _solve(weights, accs, cfg, concepts, "cross-attention k/v", report)
 
@@ -312,18 +419,25 @@ def fuse(cfg: FuseConfig) -> dict[str, Any]:
 
         def run_unet(concept: Concept) -> None:
             weights.use_concept(concept, keys)
-            embeds = encode_prompts(pipe, _prompts(concept, cfg))
-            negative = encode_prompts(pipe, [""] * len(embeds))
+            embeds = encode(concept)
+            negative = text.encode([""] * len(embeds))
             g = torch.Generator(pipe.device).manual_seed(cfg.seed)
             pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=cfg.sample_steps,
                  guidance_scale=cfg.guidance_scale, height=size, width=size, generator=g, output_type="latent")
-        accs = _record(weights, other_keys, concepts, run_unet, keep_rows, "UNet")
+        original = edlora.install_layerwise(pipe.unet, text.seq_len) if text.layerwise else None
+        try:
+            accs = _record(weights, other_keys, concepts, run_unet, keep_rows, "UNet")
+        finally:
+            if original is not None:
+                pipe.unet.set_attn_processor(original)
         weights.use_fused(te_keys + kv_keys)
         _solve(weights, accs, cfg, concepts, "UNet", report)
     weights.use_fused(keys)
 
-    concept_cfg = {"base_model": str(cfg.pretrained_model_name_or_path), "concepts": [
-        {"name": c.name, "words": c.words, "tokens": c.tokens, "source": c.source, "scale": c.scale}
+    concept_cfg = {"base_model": str(cfg.pretrained_model_name_or_path), "layerwise": text.layerwise,
+                   "layers": text.layers, "concepts": [
+        {"name": c.name, "words": c.words, "tokens": c.tokens, "source": c.source, "scale": c.scale,
+         "kind": "edlora" if c.embeddings is not None else "lora", **({"renamed": c.renamed} if c.renamed else {})}
         for c in concepts]}
     summary = _write(pipe, out, concept_cfg, report, cfg)
     return summary

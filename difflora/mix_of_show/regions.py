@@ -4,7 +4,9 @@ A global prompt plus regions, each a box with its own prompt (and negative promp
 cross-attention layer, image positions inside a box attend to that region's prompt encoding and
 all others to the global one: :class:`RegionAttnProcessor` wraps the model's own processor and
 runs it once per prompt, then picks per position, so a box covering the whole image gives exactly
-the sample of the region prompt. Later regions win where boxes overlap. An optional T2I-Adapter
+the sample of the region prompt. Later regions win where boxes overlap. With ED-LoRA concepts
+(layer-wise tokens in the model's ``concepts.json``) every prompt is encoded once per
+cross-attention layer and each layer reads its own encoding, inside and outside the boxes. An optional T2I-Adapter
 (keypose / sketch condition image) steers the layout further.
 
 Writes ``image.png``, ``layout.png`` (boxes and labels over the image) and ``settings.json``.
@@ -24,6 +26,12 @@ import torch
 
 from difflora.config import config_to_dict, parse_config
 from difflora.errors import UserError
+from difflora.mix_of_show.edlora import (
+    cross_attention_layers,
+    encode_layerwise,
+    install_layerwise,
+    is_layerwise,
+)
 
 CONCEPTS_FILE = "concepts.json"
 
@@ -225,10 +233,23 @@ def _default_size(model: str) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
-def _encode(pipe: Any, prompt: str) -> torch.Tensor:
-    ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(pipe.device)
+def concept_tokens(model_dir: str | Path) -> dict[str, list[str]]:
+    """Concept word -> its tokens (one per cross-attention layer for ED-LoRA concepts)."""
+    path = Path(model_dir) / CONCEPTS_FILE
+    if not path.is_file():
+        return {}
+    return {w: list(t) for c in json.loads(path.read_text()).get("concepts", [])
+            for w, t in c.get("tokens", {}).items()}
+
+
+def _encode(pipe: Any, prompt: str, tokens: dict[str, list[str]] | None = None) -> torch.Tensor:
+    """One prompt's text encoding; (1, L*T, D) layer-wise when the model has ED-LoRA concepts."""
     with torch.no_grad():
+        if tokens and is_layerwise(tokens):
+            return encode_layerwise(pipe.tokenizer, pipe.text_encoder, [prompt], tokens,
+                                    len(cross_attention_layers(pipe.unet)))
+        ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(pipe.device)
         return pipe.text_encoder(ids)[0]
 
 
@@ -284,18 +305,27 @@ def sample_regions(cfg: RegionsConfig) -> dict[str, Any]:
     check_concept_words([prompt, negative, *(r.prompt for r in regions)], cfg.model)
     pipe = _load_pipeline(cfg)  # only after every input is checked: loading is the slow part
 
+    tokens = concept_tokens(cfg.model)
     controller = RegionController(width, height, guidance=cfg.guidance_scale > 1)
     for region in regions:
-        controller.add(region, _encode(pipe, region.prompt),
-                       _encode(pipe, region.negative_prompt if region.negative_prompt is not None else negative))
-    original = install_regions(pipe.unet, controller)
+        controller.add(region, _encode(pipe, region.prompt, tokens),
+                       _encode(pipe, region.negative_prompt if region.negative_prompt is not None else negative,
+                               tokens))
+    before = dict(pipe.unet.attn_processors)
+    if is_layerwise(tokens):  # each cross-attention layer reads its own tokens' encoding
+        install_layerwise(pipe.unet, pipe.tokenizer.model_max_length)
+        text = {"prompt_embeds": _encode(pipe, prompt, tokens),
+                "negative_prompt_embeds": _encode(pipe, negative, tokens)}
+    else:
+        text = {"prompt": prompt, "negative_prompt": negative}
+    install_regions(pipe.unet, controller)
     extra = {"image": condition, "adapter_conditioning_scale": cfg.adapter_weight} if condition is not None else {}
     try:
-        image = pipe(prompt, negative_prompt=negative, num_inference_steps=cfg.steps,
+        image = pipe(**text, num_inference_steps=cfg.steps,
                      guidance_scale=cfg.guidance_scale, height=height, width=width,
                      generator=torch.Generator(pipe.device).manual_seed(cfg.seed), **extra).images[0]
     finally:
-        pipe.unet.set_attn_processor(original)
+        pipe.unet.set_attn_processor(before)
 
     out.mkdir(parents=True, exist_ok=True)
     _atomic_save_image(image, out / "image.png")
