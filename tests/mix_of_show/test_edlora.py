@@ -32,10 +32,11 @@ def _attn2_count(unet) -> int:
     return sum(1 for name, _ in unet.named_modules() if name.endswith(".attn2"))
 
 
-def _train_args(base, data: Path, out: Path, words: str, *extra: str) -> list[str]:
+def _train_args(base, data: Path, out: Path, words: str, *extra: str, init: str = "rand+robot",
+                placeholder: str = "ohwx") -> list[str]:
     return ["edlora", "--pretrained_model_name_or_path", str(base), "--instance_data_dir", str(data),
-            "--concept_words", words, "--initializer", "rand+robot", "--caption_placeholder", "ohwx",
-            "--instance_prompt", "a photo of ohwx", "--resolution", "32", "--train_batch_size", "2",
+            "--concept_words", words, "--initializer", init, "--caption_placeholder", placeholder,
+            "--instance_prompt", f"a photo of {placeholder}", "--resolution", "32", "--train_batch_size", "2",
             "--max_train_steps", "3", "--num_validation_images", "1", "--validation_inference_steps", "1",
             "--embedding_lr", "1e-2", "--text_encoder_lr", "1e-3", "--unet_lr", "1e-3",
             "--output_dir", str(out), *extra]
@@ -238,8 +239,8 @@ def two_edloras(tiny_sd, robot_data, tmp_path_factory):
     robot, star = root / "robot", root / "star"
     cli_main([*_train_args(tiny_sd, robot_data / "images", robot, "<robot1>+<robot2>"),
               "--caption_dir", str(robot_data / "captions"), "--mask_dir", str(robot_data / "masks")])
-    cli_main([*_train_args(tiny_sd, ASSETS / "checkered_star", star, "<star1>+<star2>"),
-              "--initializer", "rand+star"])
+    cli_main(_train_args(tiny_sd, ASSETS / "checkered_star", star, "<star1>+<star2>", init="rand+star",
+                         placeholder="sks"))
     return robot, star
 
 
