@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from difflora.config import parse_config
+from difflora.mix_of_show.edlora import EDLoRAConfig
 from difflora.mix_of_show.fuse import FuseConfig
 from difflora.mix_of_show.regions import RegionsConfig
 
@@ -22,6 +23,7 @@ def test_config_parses(path):
         words = [w for e in entries for w in str(e["words"]).split("+")]
         assert len(words) == len(set(words))
         return
-    cls = FuseConfig if path.name.endswith("_fuse.yaml") else RegionsConfig
+    cls = (FuseConfig if path.name.endswith("_fuse.yaml") else RegionsConfig if path.name.endswith("_regions.yaml")
+           else EDLoRAConfig)
     cfg = parse_config(cls, ["--config", str(path)])
     assert cfg.output_dir
