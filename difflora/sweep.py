@@ -5,7 +5,7 @@
 the concept's photos (CLIP-I, DINO) and against their prompts (CLIP-T), and writes:
 
 - ``results.csv``: one row per run (rewritten after every run, so it is always current);
-- ``plot_<metric>.png``: the metric versus the learning rate (log axis), one line per optimizer
+- ``plot_<metric>.png`` (at the end): the metric versus the learning rate (log axis), one line per optimizer
   (mean over seeds) with the seeds' min-max band; ``plot_final_loss.png`` likewise;
 - ``summary.md``: per optimizer, the best learning rate and the width, in decades, of the
   contiguous band of learning rates around it whose mean score reaches 90% of the best.
@@ -149,18 +149,28 @@ def _train(cfg):
     return train(cfg)
 
 
-def _score_run(run_dir: Path, db_cfg, ev: SweepEval, templates: list[str]) -> dict[str, float]:
-    """Sample the run's LoRA on its base model and score the samples."""
+def _score_run(run_dir: Path, db_cfg, ev: SweepEval, templates: list[str], pipes: dict) -> dict[str, float]:
+    """Sample the run's LoRA on its base model and score the samples.
+
+    The base pipeline is loaded once per sweep (``pipes``) and each run's LoRA is loaded as an
+    adapter and deleted afterwards, so the next run samples the untouched base plus its own LoRA.
+    """
     from difflora.evaluation import load_images, score_images
     from difflora.lora_io import LORA_WEIGHT_NAME, apply_loras
     from difflora.sampling import generate, load_pipeline, make_grid
 
-    pipe = load_pipeline(db_cfg.pretrained_model_name_or_path, device=ev.device)
-    apply_loras(pipe, [(str(run_dir / LORA_WEIGHT_NAME), 1.0)])
-    size = ev.resolution or db_cfg.resolution
-    prompts = [t.format(ev.concept) for t in templates]
-    rows = generate(pipe, prompts, ev.seeds, steps=ev.steps, guidance=ev.guidance, height=size, width=size,
-                    batch_size=ev.batch_size, progress=False)
+    key = (db_cfg.pretrained_model_name_or_path, ev.device)
+    if key not in pipes:
+        pipes[key] = load_pipeline(db_cfg.pretrained_model_name_or_path, device=ev.device)
+    pipe = pipes[key]
+    adapters = apply_loras(pipe, [(str(run_dir / LORA_WEIGHT_NAME), 1.0)])
+    try:
+        size = ev.resolution or db_cfg.resolution
+        prompts = [t.format(ev.concept) for t in templates]
+        rows = generate(pipe, prompts, ev.seeds, steps=ev.steps, guidance=ev.guidance, height=size, width=size,
+                        batch_size=ev.batch_size, progress=False)
+    finally:
+        pipe.delete_adapters(adapters)
     grid = make_grid(rows, prompts, [f"seed {s}" for s in ev.seeds])
     tmp = run_dir / ".sweep_samples.tmp.png"
     grid.save(tmp)
@@ -278,7 +288,8 @@ def summary_markdown(rows: list[dict], summary: dict[str, dict[str, Any]], metri
     return "\n".join(lines) + "\n"
 
 
-def _write_results(out: Path, rows: list[dict], metrics: list[str]) -> None:
+def _write_results(out: Path, rows: list[dict], metrics: list[str], plots: bool = True) -> None:
+    """results.csv and summary.md (after every run, so they are always current); plots at the end."""
     tmp = out / ".results.csv.tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
@@ -286,10 +297,11 @@ def _write_results(out: Path, rows: list[dict], metrics: list[str]) -> None:
         for r in rows:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
     os.replace(tmp, out / "results.csv")
-    for key in metrics:
-        plot_metric(rows, key, out / f"plot_{key}.png", f"{key.replace('_', '-').upper()} (cosine)")
-    plot_metric(rows, "final_loss", out / "plot_final_loss.png", "final training loss")
     _atomic_write(out / "summary.md", summary_markdown(rows, summarise(rows, metrics), metrics))
+    if plots:
+        for key in metrics:
+            plot_metric(rows, key, out / f"plot_{key}.png", f"{key.replace('_', '-').upper()} (cosine)")
+        plot_metric(rows, "final_loss", out / "plot_final_loss.png", "final training loss")
 
 
 def sweep(cfg: SweepConfig) -> list[dict]:
@@ -316,6 +328,7 @@ def sweep(cfg: SweepConfig) -> list[dict]:
     metrics = ["clip_i", "clip_t"] + (["dino"] if ev.dino_model else [])
 
     rows: list[dict] = []
+    pipes: dict = {}
     for opt, lr, seed in tqdm(grid, desc="sweep", unit="run"):
         run_dir = out / run_name(opt, lr, seed)
         done = run_dir / ROW_FILE
@@ -339,11 +352,11 @@ def sweep(cfg: SweepConfig) -> list[dict]:
         else:
             row.update(status="ok", final_loss=summary["final_loss"], steps=summary["steps"],
                                   seconds=round(summary.get("seconds") or 0.0, 2))
-            row.update(_score_run(run_dir, db_cfg, ev, templates))
+            row.update(_score_run(run_dir, db_cfg, ev, templates, pipes))
         run_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(done, json.dumps(row, indent=2) + "\n")
         rows.append(row)
-        _write_results(out, rows, metrics)
+        _write_results(out, rows, metrics, plots=False)
     _write_results(out, rows, metrics)
     return rows
 
