@@ -93,8 +93,14 @@ def load_pipeline(model: str, dtype: str = "float32", device: str = "cpu", sched
     path = Path(model)
     if path.exists() and not (path / "model_index.json").is_file():
         raise UserError(f"'{model}' is not a diffusers model folder (no model_index.json)")
+    # SD 1.x/2.x pipelines come with a safety checker (not wanted for research grids); SDXL has none.
+    if (path / "model_index.json").is_file():
+        has_checker = "safety_checker" in json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    else:
+        has_checker = "xl" not in model.lower()
+    extra = {"safety_checker": None} if has_checker else {}
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, safety_checker=None)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, **extra)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model '{model}': {str(err).strip().splitlines()[0]}") from None
     pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
