@@ -612,7 +612,7 @@ def train(cfg: EDLoRAConfig) -> dict[str, Any]:
     summary = {"output_dir": str(out), "file": str(path), "steps": step, "final_loss": losses[-1] if losses else None,
                "seconds": seconds, "embedding_norm": embedding.mean_norm(), "embeddings_frozen_at": frozen_at,
                "tokens": sum(len(t) for t in tokens.values())}
-    write_metrics(out / "metrics.json", {**summary, "config": config_to_dict(cfg)})
+    write_metrics(out / "metrics.json", {**summary, "losses": losses, "config": config_to_dict(cfg)})
     return summary
 
 
