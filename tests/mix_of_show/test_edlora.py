@@ -209,7 +209,8 @@ def robot_data(tmp_path_factory) -> Path:
 
 
 def test_freeze_at_threshold(tiny_sd, robot_data, tmp_path, capsys):
-    """The norm crosses the threshold at step k: embeddings stop there, the rest keeps training."""
+    """The norm crosses the threshold at step k: embeddings stop there, the rest keeps training;
+    and a resumed run equals an uninterrupted one."""
     free = tmp_path / "free"
     common = ["--instance_data_dir", str(robot_data / "images"), "--caption_dir", str(robot_data / "captions"),
               "--num_validation_images", "0", "--checkpointing_steps", "1", "--max_train_steps", "2"]
@@ -230,6 +231,13 @@ def test_freeze_at_threshold(tiny_sd, robot_data, tmp_path, capsys):
     assert not torch.allclose(torch.cat(list(final_free.embeddings.values())), step1)
     # The LoRA kept training after the freeze (B starts at zero).
     assert any(v.abs().sum() > 0 for k, v in got.lora.items() if "lora_B" in k)
+    # Resuming the free run from its step-1 checkpoint gives the same file, bit for bit.
+    cli_main([*_train_args(tiny_sd, robot_data / "images", free, "<r1>+<r2>"), *common,
+              "--embedding_freeze_norm", "0", "--resume_from_checkpoint", "checkpoint-1"])
+    resumed = edlora.load_edlora(free)
+    assert all(torch.equal(resumed.embeddings[w], final_free.embeddings[w]) for w in ("<r1>", "<r2>"))
+    assert resumed.lora.keys() == final_free.lora.keys()
+    assert all(torch.equal(resumed.lora[k], final_free.lora[k]) for k in resumed.lora)
 
 
 @pytest.fixture(scope="module")
