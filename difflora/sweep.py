@@ -11,23 +11,25 @@ the concept's photos (CLIP-I, DINO) and against their prompts (CLIP-T), and writ
   contiguous band of learning rates around it whose mean score reaches 90% of the best.
 
 A run that finished (its ``sweep_row.json``) is not redone on a rerun, so an interrupted sweep
-picks up where it stopped. A run whose loss becomes NaN/inf is a result ("diverged"), not an error.
+picks up where it stopped; if only the ``eval`` settings changed, finished runs are re-scored, not
+retrained, and a run trained with other ``base`` settings is refused rather than silently reused. A run whose loss becomes NaN/inf is a result ("diverged"), not an error.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from difflora.config import _coerce, parse_config
+from difflora.config import _coerce, config_to_dict, parse_config
 from difflora.errors import UserError
 
 ROW_FILE = "sweep_row.json"
@@ -140,6 +142,11 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _hash(settings: dict) -> str:
+    """A short fingerprint of settings, to notice a sweep file edited between reruns."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _train(cfg):
@@ -329,18 +336,27 @@ def sweep(cfg: SweepConfig) -> list[dict]:
 
     rows: list[dict] = []
     pipes: dict = {}
+    eval_hash = _hash({**asdict(ev), "templates": templates})
     for opt, lr, seed in tqdm(grid, desc="sweep", unit="run"):
         run_dir = out / run_name(opt, lr, seed)
+        db_cfg = configs[(opt, lr, seed)]
+        train_hash = _hash({k: v for k, v in config_to_dict(db_cfg).items() if k not in ("overwrite", "output_dir")})
         done = run_dir / ROW_FILE
         if done.is_file():
-            rows.append(json.loads(done.read_text(encoding="utf-8")))
-            continue
-        db_cfg = configs[(opt, lr, seed)]
-        row: dict[str, Any] = {"optimizer": opt, "learning_rate": lr, "seed": seed, "run_dir": run_dir.name}
+            row = json.loads(done.read_text(encoding="utf-8"))
+            if row.get("train_hash", train_hash) != train_hash:
+                raise UserError(f"run '{run_dir}' was trained with other base settings; delete that folder to "
+                                "retrain it, or choose another output_dir")
+            if row.get("eval_hash", eval_hash) == eval_hash or row["status"] != "ok":
+                rows.append(row)
+                continue
+        row = {"optimizer": opt, "learning_rate": lr, "seed": seed, "run_dir": run_dir.name,
+               "train_hash": train_hash, "eval_hash": eval_hash}
         trained = run_dir / "metrics.json"
         try:
             if (run_dir / LORA_WEIGHT_NAME).is_file() and trained.is_file():
-                summary = json.loads(trained.read_text(encoding="utf-8"))  # trained, stopped before scoring
+                # trained already (stopped before scoring, or the eval settings changed): score only
+                summary = json.loads(trained.read_text(encoding="utf-8"))
             else:
                 if run_dir.exists():  # an interrupted run: its latest checkpoint (if any) is picked up
                     db_cfg.resume_from_checkpoint = "latest"
@@ -351,7 +367,7 @@ def sweep(cfg: SweepConfig) -> list[dict]:
             row.update(status="diverged", final_loss=float("nan"))
         else:
             row.update(status="ok", final_loss=summary["final_loss"], steps=summary["steps"],
-                                  seconds=round(summary.get("seconds") or 0.0, 2))
+                       seconds=round(summary.get("seconds") or 0.0, 2))
             row.update(_score_run(run_dir, db_cfg, ev, templates, pipes))
         run_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(done, json.dumps(row, indent=2) + "\n")

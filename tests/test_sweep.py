@@ -1,5 +1,6 @@
 """`difflora sweep`: a 2 x 2 grid on the tiny model writes the CSV, plots and summary; a rerun trains
-nothing; the 90% band is computed by hand; shipped sweep configs parse; bad input -> exit 2."""
+nothing (new eval settings re-score, new base settings are refused); the 90% band is computed by
+hand; shipped sweep configs parse; bad input -> exit 2 before any run."""
 
 from __future__ import annotations
 
@@ -99,12 +100,21 @@ def test_two_by_two_sweep_writes_csv_plots_and_rerun_skips(tiny_sd, tmp_path, mo
     assert calls == []
     assert read_csv(out / "results.csv") == rows
 
-    # a run that trained but was stopped before scoring is scored, not retrained
-    (out / "adamw-lr0.1-s0" / "sweep_row.json").unlink()
+    # eval settings changed: every run is re-scored from its LoRA, none is retrained
+    config = write_sweep(tmp_path, tiny_sd, eval={"seeds": [1]})
     cli(["sweep", "--config", str(config)])
     assert calls == []
     again = read_csv(out / "results.csv")
-    assert again[1]["clip_i"] == rows[1]["clip_i"] and again[1]["final_loss"] == rows[1]["final_loss"]
+    assert [r["final_loss"] for r in again] == [r["final_loss"] for r in rows]
+    assert [r["clip_i"] for r in again] != [r["clip_i"] for r in rows]  # other sampling seed, other images
+
+    # base settings changed: the finished runs no longer match; refused, not silently reused
+    config = write_sweep(tmp_path, tiny_sd, base={"max_train_steps": 3})
+    with pytest.raises(SystemExit) as exc:
+        cli(["sweep", "--config", str(config)])
+    err = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert exc.value.code == 2 and len(err) == 1 and "other base settings" in err[0]
+    assert calls == []
 
 
 def test_diverged_run_is_a_result_not_an_error(tiny_sd, tmp_path, monkeypatch):
