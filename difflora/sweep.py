@@ -115,6 +115,8 @@ def prompt_templates(ev: SweepEval) -> list[str]:
         templates += read_prompts(ev.prompts_file)
     if ev.num_prompts is not None:
         templates = templates[: ev.num_prompts]
+    if not templates:
+        raise UserError("eval has no prompt templates left; check eval.prompts, prompts_file and num_prompts")
     bad = [t for t in templates if t.count("{}") != 1]
     if bad:
         raise UserError(f"prompt template '{bad[0]}' must contain exactly one {{}} for the concept")

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from difflora.optim.pairing import FactorPair, pair_factors
-from difflora.optim.preconditioner import precondition_pairs
+from difflora.optim.preconditioner import PreconditionPlan, precondition_pairs
 
 NamedParams = Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]]
 
@@ -61,6 +61,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             raise ValueError("optimizer got no trainable parameters (all have requires_grad=False)")
         self._pairs: list[FactorPair] | None = None
         self._pairs_key: tuple | None = None
+        self._plan: PreconditionPlan | None = None  # derived buffers, never in state_dict
+        self._factor_lists: tuple | None = None  # (pairs, a_params, b_params, a_groups, b_groups)
         self._ready = False  # a pair may span groups: pair only once all groups are in
         super().__init__(groups, defaults)
         self._ready = True
@@ -69,12 +71,14 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(_named_group(param_group))
         self._pairs = None
+        self._plan = None
         if getattr(self, "_ready", False):
             self._pairing()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._pairs = None
+        self._plan = None
 
     def _pairing(self) -> list[FactorPair]:
         key = tuple(tuple(map(id, g["params"])) for g in self.param_groups)
@@ -100,16 +104,26 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         if not pairs:
             return {}
         groups = self.param_groups
-        a_params = [groups[p.a[0]]["params"][p.a[1]] for p in pairs]
-        b_params = [groups[p.b[0]]["params"][p.b[1]] for p in pairs]
-        for t in (*a_params, *b_params):
-            if t.grad is not None and t.grad.is_sparse:
-                raise RuntimeError("scaled optimizers do not support sparse gradients")
-        new_a, new_b = precondition_pairs(
-            a_params, b_params,
-            [p.grad for p in a_params], [p.grad for p in b_params],
-            [groups[p.a[0]]["reg"] for p in pairs], [groups[p.b[0]]["reg"] for p in pairs],
-        )
+        cached = self._factor_lists
+        if cached is None or cached[0] is not pairs:
+            cached = (pairs,
+                      [groups[p.a[0]]["params"][p.a[1]] for p in pairs],
+                      [groups[p.b[0]]["params"][p.b[1]] for p in pairs],
+                      [p.a[0] for p in pairs], [p.b[0] for p in pairs])
+            self._factor_lists = cached
+        _, a_params, b_params, a_groups, b_groups = cached
+        a_grads = [p.grad for p in a_params]
+        b_grads = [p.grad for p in b_params]
+        sig = PreconditionPlan.signature_of(a_params, b_params, a_grads, b_grads)
+        plan = self._plan
+        if plan is None or plan.signature != sig:
+            plan = self._plan = PreconditionPlan(sig, a_params, b_params, a_grads, b_grads)
+        a_regs = [groups[i]["reg"] for i in a_groups]
+        b_regs = [groups[i]["reg"] for i in b_groups]
+        if plan.uniform:
+            new_a, new_b = plan.run(a_params, b_params, a_grads, b_grads, a_regs, b_regs)
+        else:
+            new_a, new_b = precondition_pairs(a_params, b_params, a_grads, b_grads, a_regs, b_regs)
         out: dict[Tensor, Tensor] = {}
         for p, g in zip(a_params, new_a):
             if g is not None:

@@ -7,7 +7,7 @@ import pytest
 from difflora.config import parse_config
 from difflora.train.dreambooth import DreamBoothConfig
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "dreambooth").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "dreambooth").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
