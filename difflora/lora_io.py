@@ -278,7 +278,9 @@ def save_lora(
             k: LoraLayer(v.down, v.up * (v.scale * v.rank / alpha), alpha / v.rank) for k, v in layers.items()
         }
 
-    sdxl = text_encoder_2 is not None
+    # SDXL is told by its UNet (size / crop conditioning), not by whether a second text encoder
+    # was trained: a UNet-only SDXL LoRA is still an SDXL file.
+    sdxl = text_encoder_2 is not None or getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
     ranks = sorted({v.rank for v in layers.values()})
     alphas = sorted({round(v.scale * v.rank, 6) for v in layers.values()})
     base_model = str(getattr(getattr(unet, "config", None), "_name_or_path", None) or "")

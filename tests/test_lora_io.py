@@ -286,3 +286,17 @@ def test_rslora_scale_survives_both_formats(tiny_sd, tmp_path):
         fresh = _load(tiny_sd)
         fresh.load_lora_weights(tmp_path, weight_name=weight_name)
         _assert_same(_outputs(fresh), trained)
+
+
+def test_unet_only_sdxl_lora_is_labelled_sdxl(tiny_sdxl, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]))
+    save_lora(tmp_path, unet, kohya=True)  # no text encoder trained: the UNet alone says SDXL
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
+        with safe_open(str(tmp_path / name), "pt") as f:
+            meta = f.metadata()
+        assert meta["difflora_model_type"] == "sdxl", name
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"  # what A1111 / ComfyUI read

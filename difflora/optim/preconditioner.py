@@ -30,7 +30,7 @@ from torch import Tensor
 #: Default damping of the ``r x r`` Gram matrices, chosen with benchmarks/matrix_factorization.py
 #: (50x50 rank-4 target, singular values 1..1/kappa, LoRA init B = 0; results in
 #: benchmarks/results/matrix_factorization.md). Scaled GD needs reg far below the smallest Gram
-#: eigenvalue the factors must learn: at kappa = 1000 it takes 13 iterations with reg 0 or 1e-6,
+#: eigenvalue the factors must learn: at kappa = 1000 it takes 13 iterations with reg 0, 26 with 1e-6,
 #: 1289 with 1e-4 and never converges with 1e-2 (peft's default), which turns it back into slow
 #: plain GD. Scaled Adam needs reg > 0: with reg 0 the B ~ 0 start amplifies g_A without bound
 #: (15723 iterations at kappa = 100), with 1e-6 .. 1e-2 it takes ~170-190. 1e-6 is the smallest

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from difflora.config import config_to_dict, parse_config
 from difflora.data import ImageSet, load_image_set
 from difflora.errors import UserError
+from difflora.lora_io import LORA_WEIGHT_NAME
 from difflora.models import LORA_TARGET_PRESETS, BaseModel, add_lora, load_base_model
 from difflora.optim import OPTIMIZER_NAMES, build_optimizer
 from difflora.train import checkpoint as ckpt
@@ -207,9 +208,12 @@ def train(cfg: DreamBoothConfig) -> dict:
 
     # ---- set-up: accelerator and output folder ------------------------------------------------
     out = Path(cfg.output_dir)
-    resume = ckpt.resolve_resume(out, cfg.resume_from_checkpoint) if out.exists() else None
-    if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest" and resume is None:
-        raise UserError(f"checkpoint '{cfg.resume_from_checkpoint}' does not exist")
+    # A checkpoint PATH may live outside output_dir (continue a run into a new folder).
+    resume = ckpt.resolve_resume(out, cfg.resume_from_checkpoint)
+    if resume is None and cfg.resume_from_checkpoint == "latest" and (out / LORA_WEIGHT_NAME).exists() \
+            and not cfg.overwrite:
+        raise UserError(f"output_dir '{out}' holds a finished run with no checkpoint to resume from; "
+                        "pass --overwrite to train it again, or choose another folder")
     prepare_output_dir(out, cfg.overwrite, resuming=resume is not None)
     try:
         accelerator = Accelerator(

@@ -192,14 +192,30 @@ def test_low_precision_factors_are_preconditioned_in_float32(dtype):
 
 
 def test_zero_b_with_zero_reg_falls_back_to_pseudo_inverse():
-    a = torch.randn(4, 8, requires_grad=True)
-    b = torch.zeros(6, 4, requires_grad=True)  # peft's init
+    a = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(6, 4, dtype=torch.float64, requires_grad=True)  # peft's init
     opt = ScaledSGD([("l.lora_A.default.weight", a), ("l.lora_B.default.weight", b)], lr=0.1, reg=0.0)
-    loss = ((b @ a - torch.ones(6, 8)) ** 2).sum()
+    loss = ((b @ a - torch.ones(6, 8, dtype=torch.float64)) ** 2).sum()
     loss.backward()
+    a0, g_b = a.detach().clone(), b.grad.clone()
     opt.step()
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    assert b.abs().sum() > 0  # B moved with (A A^T)^-1; A's gradient is 0 and stays 0
+    # B^T B = 0 is singular: its pseudo-inverse is 0, so A (whose gradient is 0 anyway) stays put;
+    # B moves with the true inverse of A A^T.
+    assert torch.equal(a.detach(), a0)
+    torch.testing.assert_close(b.detach(), -0.1 * g_b @ torch.linalg.inv(a0 @ a0.T), rtol=1e-10, atol=1e-12)
+
+
+def test_rank_deficient_gram_uses_the_pseudo_inverse():
+    a = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    b0 = torch.randn(4, 3, dtype=torch.float64)
+    b0[:, 2] = 0  # one dead column: B^T B has rank 2
+    b = b0.clone().requires_grad_()
+    opt = ScaledSGD([("l.lora_down.weight", a), ("l.lora_up.weight", b)], lr=0.1, reg=0.0)
+    (b @ a).sin().sum().backward()
+    a0, g_a = a.detach().clone(), a.grad.clone()
+    opt.step()
+    want = a0 - 0.1 * torch.linalg.pinv(b0.T @ b0) @ g_a
+    torch.testing.assert_close(a.detach(), want, rtol=1e-8, atol=1e-10)
 
 
 def test_partial_grads_and_frozen_params():

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from difflora.cli import main as cli_main
 
@@ -100,6 +101,29 @@ def test_finished_run_is_not_overwritten(db_args, capsys, tmp_path):
 def test_resume_path_that_does_not_exist(db_args, capsys, tmp_path):
     (tmp_path / "out").mkdir()
     _fails(db_args() + ["--resume_from_checkpoint", str(tmp_path / "checkpoint-9")], capsys, "does not exist")
+
+
+def test_resume_latest_of_a_finished_run_without_checkpoints(db_args, capsys, tmp_path):
+    cli_main(["dreambooth", *db_args("f", "--max_train_steps", "2")])  # checkpointing_steps 100: none kept
+    capsys.readouterr()
+    weights = (tmp_path / "f" / "pytorch_lora_weights.safetensors").read_bytes()
+    last = _fails(db_args("f", "--max_train_steps", "2", "--resume_from_checkpoint", "latest"), capsys,
+                  "no checkpoint to resume from; pass --overwrite")
+    assert "--resume_from_checkpoint" not in last  # the fix is not the flag the user just passed
+    assert (tmp_path / "f" / "pytorch_lora_weights.safetensors").read_bytes() == weights
+
+
+def test_resume_from_a_checkpoint_path_into_a_new_folder(db_args, capsys, tmp_path):
+    from safetensors.torch import load_file
+
+    cli_main(["dreambooth", *db_args("a", "--max_train_steps", "4", "--checkpointing_steps", "2",
+                                     "--learning_rate", "1e-2")])
+    cli_main(["dreambooth", *db_args("b", "--max_train_steps", "4", "--checkpointing_steps", "2",
+                                     "--learning_rate", "1e-2",
+                                     "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-2"))])
+    a = load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "b" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_from_another_model(db_args, capsys, tmp_path):

@@ -47,9 +47,13 @@ def test_trains_saves_and_stock_pipeline_loads_it(db_args, tiny_sd, tmp_path):
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "scaled_sgd", "loraplus"])
-def test_other_optimizers_train(db_args, optimizer):
+def test_other_optimizers_train(db_args, optimizer, tmp_path):
     summary = run(db_args(f"out-{optimizer}", "--optimizer", optimizer, "--learning_rate", "1e-3"))
     assert summary["steps"] == 4 and torch.isfinite(torch.tensor(summary["final_loss"]))
+    weights = load_file(tmp_path / f"out-{optimizer}" / "pytorch_lora_weights.safetensors")
+    ups = [v for k, v in weights.items() if "lora_B" in k]
+    assert ups and all(torch.isfinite(v).all() for v in ups)
+    assert max(float(v.abs().max()) for v in ups) > 0  # B starts at 0: the optimizer moved it
 
 
 def test_same_seed_same_weights_and_resume_is_bit_identical(db_args, tmp_path):
