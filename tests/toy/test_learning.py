@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TOY_SD, TOY_CLIP = ROOT / "assets" / "toy-sd", ROOT / "assets" / "toy-clip"
 CONCEPTS = ROOT / "assets" / "concepts"
 SEEDS = [0, 1, 2, 3]
+pytestmark = pytest.mark.skipif(not (TOY_SD / "model_index.json").is_file(),
+                                reason="assets/toy-sd is missing; rebuild it: python scripts/pretrain_toy.py sd")
 
 
 def _meta(name: str) -> dict:
