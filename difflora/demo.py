@@ -27,8 +27,8 @@ class DemoConfig:
     output_dir: str = field(default="outputs/demo", metadata={"help": "where everything goes"})
     concept: str = field(default="checkered_star", metadata={"help": "a folder name under assets/concepts"})
     optimizer: str = field(default="scaled_adamw", metadata={"help": "any build_optimizer name"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "UNet LoRA learning rate"})
-    max_train_steps: int = field(default=80, metadata={"help": "optimizer steps"})
+    learning_rate: float = field(default=1e-2, metadata={"help": "UNet LoRA learning rate (best scaled_adamw rate of the toy sweep)"})
+    max_train_steps: int = field(default=200, metadata={"help": "optimizer steps"})
     seed: int = field(default=0, metadata={"help": "seed of everything"})
 
 

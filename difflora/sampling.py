@@ -59,11 +59,18 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int = 25, gui
     return rows  # type: ignore[return-value]
 
 
-def make_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str]) -> Image.Image:
-    """A labelled grid: one row per prompt (label on the left), one column per seed (label on top)."""
+def make_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str],
+              min_cell: int = 96) -> Image.Image:
+    """A labelled grid: one row per prompt (label on the left), one column per seed (label on top).
+
+    Images smaller than ``min_cell`` pixels are enlarged by a whole factor (nearest neighbour, so no
+    pixel is invented): a 32 px toy sample is shown at 96 px, readable beside its label.
+    """
     if not rows or not rows[0]:
         raise ValueError("make_grid needs at least one image")
     w, h = rows[0][0].size
+    factor = max(1, -(-min_cell // max(w, h, 1)))
+    w, h = w * factor, h * factor
     font = ImageFont.load_default()
     label_w = min(max(120, 6 * max((len(s) for s in row_labels), default=0)), 360)
     pad_top = 14
@@ -78,7 +85,7 @@ def make_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: 
         for n, line in enumerate(lines):
             draw.text((2, pad_top + i * h + 2 + 11 * n), line, fill="black", font=font)
         for j, image in enumerate(row):
-            grid.paste(image.convert("RGB").resize((w, h)), (label_w + j * cell, pad_top + i * h))
+            grid.paste(image.convert("RGB").resize((w, h), Image.NEAREST), (label_w + j * cell, pad_top + i * h))
     return grid
 
 

@@ -45,7 +45,7 @@ def test_grid_size_and_layout():
     w, h = 16, 12
     colours = [[(255, 0, 0), (0, 255, 0), (0, 0, 255)], [(255, 255, 0), (0, 255, 255), (255, 0, 255)]]
     rows = [[Image.new("RGB", (w, h), c) for c in row] for row in colours]
-    grid = make_grid(rows, ["first prompt", "second"], ["seed 0", "seed 1", "seed 2"])
+    grid = make_grid(rows, ["first prompt", "second"], ["seed 0", "seed 1", "seed 2"], min_cell=0)
     label_w, top = grid.width - 3 * w, grid.height - 2 * h
     assert label_w > 0 and top > 0  # room for labels on the left and on top
     arr = np.asarray(grid)
@@ -55,6 +55,10 @@ def test_grid_size_and_layout():
             assert (cell == colours[i][j]).all(), (i, j)
     assert (arr[top: top + h, :label_w] != 255).any()  # the row label is drawn
     assert (arr[:top, label_w: label_w + w] != 255).any()  # the column label is drawn
+    # Small images are enlarged by a whole factor for display: 16 x 12 -> 96 x 72, colours kept.
+    big = np.asarray(make_grid(rows, ["first prompt", "second"], ["seed 0", "seed 1", "seed 2"], min_cell=96))
+    assert big.shape[1] == label_w + 3 * 96 and big.shape[0] == top + 2 * 72
+    assert (big[top + 72: top + 144, label_w + 2 * 96: label_w + 3 * 96] == colours[1][2]).all()
 
 
 def test_sample_writes_images_grid_manifest_and_manifest_reruns_pixel_equal(tiny_sd, tmp_path, capsys):

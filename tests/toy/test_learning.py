@@ -30,11 +30,11 @@ def _meta(name: str) -> dict:
     return json.loads((CONCEPTS / name / "concept.json").read_text())
 
 
-def _train(name: str, out: Path, steps: int = 60) -> Path:
+def _train(name: str, out: Path, steps: int) -> Path:
     train(parse_config(DreamBoothConfig, [
         "--pretrained_model_name_or_path", str(TOY_SD), "--instance_data_dir", str(CONCEPTS / name),
         "--instance_prompt", _meta(name)["instance_prompt"], "--captions", "--resolution", "32",
-        "--optimizer", "scaled_adamw", "--learning_rate", "3e-3", "--max_train_steps", str(steps),
+        "--optimizer", "scaled_adamw", "--learning_rate", "1e-2", "--max_train_steps", str(steps),
         "--train_batch_size", "4", "--cache_latents", "--num_validation_images", "0",
         "--checkpointing_steps", "1000", "--seed", "0", "--output_dir", str(out),
     ]))
@@ -62,24 +62,31 @@ def _scores(images: list, name: str, clip_prompts: list[str]) -> dict[str, float
 
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory) -> dict[str, Path]:
+    """Both concepts trained longer (120 steps) for fusion: the robot needs them to be drawn at all."""
     root = tmp_path_factory.mktemp("toy-loras")
-    return {name: _train(name, root / name) for name in ("checkered_star", "robot")}
+    return {name: _train(name, root / name, steps=120) for name in ("checkered_star", "robot")}
 
 
 # New contexts: backgrounds the concept images never show.
 CONTEXTS = ["on a black background", "on a pale pink background"]
 
 
-def test_dreambooth_raises_clip_i_and_keeps_clip_t(loras):
+def test_dreambooth_raises_clip_i_and_keeps_the_new_context(tmp_path):
+    # 60 steps at lr 1e-2: 120 steps learn the concept further but also its training backgrounds.
+    lora = _train("checkered_star", tmp_path / "star", steps=60)
     prompts = [f"a sks star {c}" for c in CONTEXTS]
     clip_prompts = [f"a star {c}" for c in CONTEXTS]  # the trigger word means nothing to the judge
     pipe = _pipe()
     before = _scores(_sample(pipe, prompts), "checkered_star", clip_prompts)
-    pipe.load_lora_weights(loras["checkered_star"])  # the diffusers file, read by the stock loader
-    after = _scores(_sample(pipe, prompts), "checkered_star", clip_prompts)
-    # measured: CLIP-I MEASURED_I, CLIP-T MEASURED_T
-    assert after["clip_i"] > before["clip_i"] + 0.05, (before, after)
-    assert after["clip_t"] > before["clip_t"] - 0.03, (before, after)
+    pipe.load_lora_weights(lora)  # the diffusers file, read by the stock loader
+    images = _sample(pipe, prompts)
+    after = _scores(images, "checkered_star", clip_prompts)
+    swapped = _scores(images, "checkered_star", clip_prompts[::-1])
+    # measured: CLIP-I 0.377 -> 0.535
+    assert after["clip_i"] > before["clip_i"] + 0.10, (before, after)
+    # The concept is drawn in the asked context, not in its training backgrounds: each image
+    # matches its own prompt better than the other context's. measured: 0.258 vs 0.201
+    assert after["clip_t"] > swapped["clip_t"] + 0.02, (after, swapped)
 
 
 def test_fused_model_keeps_both_concepts(loras, tmp_path):
@@ -90,7 +97,7 @@ def test_fused_model_keeps_both_concepts(loras, tmp_path):
                                 for n in ("checkered_star", "robot")))
     fuse_main(["--concepts", str(concepts), "--pretrained_model_name_or_path", str(TOY_SD),
                "--output_dir", str(tmp_path / "fused"), "--sample_steps", "10", "--guidance_scale", "4.0",
-               "--prompt_templates", "a {} on a white background", "a {} on a grey background", "a {}"])
+               "--prompt_templates", "a {} on a white background", "a {}"])
     fused = _pipe(tmp_path / "fused")
     images = {n: _sample(fused, [f"{_meta(n)['instance_prompt']} {c}" for c in CONTEXTS])
               for n in ("checkered_star", "robot")}
@@ -99,6 +106,6 @@ def test_fused_model_keeps_both_concepts(loras, tmp_path):
     star_vs_robot = _scores(images["checkered_star"], "robot", CONTEXTS)["clip_i"]
     own_robot = _scores(images["robot"], "robot", CONTEXTS)["clip_i"]
     robot_vs_star = _scores(images["robot"], "checkered_star", CONTEXTS)["clip_i"]
-    # measured: MEASURED_F
-    assert own_star > star_vs_robot + 0.03, (own_star, star_vs_robot)
-    assert own_robot > robot_vs_star + 0.03, (own_robot, robot_vs_star)
+    # measured: star 0.156 own vs 0.022 robot; robot 0.244 own vs 0.087 star
+    assert own_star > star_vs_robot + 0.05, (own_star, star_vs_robot)
+    assert own_robot > robot_vs_star + 0.05, (own_robot, robot_vs_star)
