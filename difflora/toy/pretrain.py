@@ -364,6 +364,13 @@ def save_toy_clip(model, tokenizer, out: Path, image_size: int = 32) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     make_processor(tokenizer, image_size).save_pretrained(staging)
+    swap_in(staging, out)
+
+
+def swap_in(staging: Path, out: Path) -> None:
+    """Replace ``out`` by the complete folder ``staging`` (a crash leaves the old or the new one)."""
+    import shutil
+
     if out.exists():
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from difflora.errors import UserError
-from difflora.toy.pretrain import _article, caption_variants, render_pool, retrieval_prompts
+from difflora.toy.pretrain import _article, caption_variants, render_pool, retrieval_prompts, swap_in
 from difflora.toy.world import HELD_OUT, SHAPES, ToyWorld, _contrasting_colours
 
 
@@ -291,14 +291,7 @@ def pretrain_sd(cfg: SDPretrainConfig, progress: bool = True) -> dict:
     if cfg.eval_samples > 0:
         summary["eval"] = evaluate_sd(staging, cfg.clip, samples=cfg.eval_samples, seed=cfg.seed)
     (staging / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out)
+    swap_in(staging, out)
     return summary
 
 
