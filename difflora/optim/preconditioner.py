@@ -243,6 +243,24 @@ class PreconditionPlan:
         torch.stack(tensors, out=buf)
         return buf.to(cdtype)
 
+    @classmethod
+    def _multiply_into(cls, precond: Tensor, grads: list, dst: Tensor, stack_buf: Tensor | None,
+                       cdtype: torch.dtype, left: bool) -> None:
+        """``dst[i] = P_i g_i`` (``left``) or ``g_i P_i``: one batched matmul when the bucket is
+        stacked (``stack_buf`` given), else one matmul per pair; computed in ``cdtype``."""
+        if stack_buf is not None:
+            triples = [(precond, cls._stack(grads, stack_buf, cdtype), dst)]
+            mm = torch.bmm
+        else:
+            triples = [(p, g.to(cdtype), d) for p, g, d in zip(precond.unbind(0), grads, dst)]
+            mm = torch.mm
+        for p, g, d in triples:
+            x, y = (p, g) if left else (g, p)
+            if d.dtype == cdtype:
+                mm(x, y, out=d)
+            else:
+                d.copy_(mm(x, y))
+
     def run(self, a_params: Sequence[Tensor], b_params: Sequence[Tensor],
             a_grads: Sequence[Tensor | None], b_grads: Sequence[Tensor | None],
             a_regs: Sequence[float], b_regs: Sequence[float]) -> tuple[list[Tensor | None], list[Tensor | None]]:
@@ -284,46 +302,19 @@ class PreconditionPlan:
                         torch.mm(f, f.T, out=g[i])
                 regs += [b_regs[k] for k in ks]
             inv = damped_inverse(gram, _regs(regs, gram.device))
-            if not no_ga:
-                p_a = inv[:count]
+            if not no_ga:  # P_A g_A
                 gas = [a_grads[k] for k in ks]
                 if not bk["a_flat"]:
                     gas = [g.reshape(r, a_cols) for g in gas]  # type: ignore[union-attr]
-                dst = bk["out_a"]
-                if stacked:
-                    g = self._stack(gas, bk["ga_stack"], cdtype)  # type: ignore[arg-type]
-                    if dst.dtype == cdtype:
-                        torch.bmm(p_a, g, out=dst)
-                    else:
-                        dst.copy_(torch.bmm(p_a, g))
-                else:
-                    for i, (p, g) in enumerate(zip(p_a.unbind(0), gas)):
-                        g = g.to(cdtype)  # type: ignore[union-attr]
-                        if dst.dtype == cdtype:
-                            torch.mm(p, g, out=dst[i])
-                        else:
-                            dst[i].copy_(torch.mm(p, g))
+                self._multiply_into(inv[:count], gas, bk["out_a"], bk.get("ga_stack"), cdtype, left=True)
                 for k, t in zip(ks, bk["out_a_list"]):
                     out_a[k] = t
-            if not no_gb:
-                p_b = inv[count:] if not no_ga else inv
+            if not no_gb:  # g_B P_B
                 gbs = [b_grads[k] for k in ks]
                 if not bk["b_flat"]:
                     gbs = [g.reshape(b_rows, r) for g in gbs]  # type: ignore[union-attr]
-                dst = bk["out_b"]
-                if stacked:
-                    g = self._stack(gbs, bk["gb_stack"], cdtype)  # type: ignore[arg-type]
-                    if dst.dtype == cdtype:
-                        torch.bmm(g, p_b, out=dst)
-                    else:
-                        dst.copy_(torch.bmm(g, p_b))
-                else:
-                    for i, (p, g) in enumerate(zip(p_b.unbind(0), gbs)):
-                        g = g.to(cdtype)  # type: ignore[union-attr]
-                        if dst.dtype == cdtype:
-                            torch.mm(g, p, out=dst[i])
-                        else:
-                            dst[i].copy_(torch.mm(g, p))
+                p_b = inv[count:] if not no_ga else inv
+                self._multiply_into(p_b, gbs, bk["out_b"], bk.get("gb_stack"), cdtype, left=False)
                 for k, t in zip(ks, bk["out_b_list"]):
                     out_b[k] = t
         return out_a, out_b

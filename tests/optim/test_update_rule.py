@@ -246,3 +246,23 @@ def test_loop_path_for_large_factors_matches_stacked_path(monkeypatch):
         results.append({n: p.detach().clone() for n, p in params.items()})
     for n in results[0]:
         torch.testing.assert_close(results[0][n], results[1][n], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols", [16, 140_000])  # a small stacked bucket; a bucket over the stacking limit
+def test_cached_plan_equals_the_direct_computation(dtype, cols):
+    from difflora.optim.preconditioner import PreconditionPlan, precondition_pairs
+
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(4, cols, generator=g).to(dtype) for _ in range(2)]
+    b = [torch.randn(cols // 2, 4, generator=g).to(dtype) for _ in range(2)]
+    ga = [torch.randn(x.shape, generator=g).to(dtype) for x in a]
+    gb = [torch.randn(x.shape, generator=g).to(dtype) for x in b]
+    regs = [1e-3, 1e-3]
+    plan = PreconditionPlan(PreconditionPlan.signature_of(a, b, ga, gb), a, b, ga, gb)
+    assert plan.buckets[0]["stacked"] == (cols == 16)
+    want_a, want_b = precondition_pairs(a, b, ga, gb, regs, regs)
+    got_a, got_b = plan.run(a, b, ga, gb, regs, regs)
+    for got, want in zip(got_a + got_b, want_a + want_b):
+        assert got.dtype == want.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
