@@ -58,6 +58,7 @@ class SDPretrainConfig:
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
+    decoder_steps: int = 400  # decoder-only fine-tune after the UNet (latents unchanged); 0: none
     unet_channels: str = "32,64,128"
     unet_steps: int = 8000
     batch_size: int = 64
@@ -179,6 +180,37 @@ def train_vae(cfg: SDPretrainConfig, pool: np.ndarray, deadline: float, progress
                  "latent_std": std}
 
 
+def finetune_decoder(vae, pool: np.ndarray, steps: int, lr: float = 5e-4, batch_size: int = 32, seed: int = 0,
+                     progress: bool = True) -> list[float]:
+    """Train only the VAE's decoder on reconstructions from the frozen encoder's latent means.
+
+    The encoder, hence every latent the UNet was trained on, stays as it is, so this can run after
+    the UNet (as SD's ft-MSE VAE refined only its decoder). Returns the losses.
+    """
+    vae.requires_grad_(False)
+    decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in decoder:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(decoder, lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng(seed + 5)
+    losses = []
+    vae.train()
+    for step in tqdm(range(steps), desc="toy VAE decoder", disable=not progress, mininterval=5):
+        for g in opt.param_groups:
+            g["lr"] = lr * _cosine(step, steps, 20, 0.0)
+        x = _to_pixels(pool[rng.choice(len(pool), batch_size, replace=False)])
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    vae.eval().requires_grad_(False)
+    return losses
+
+
 @torch.no_grad()
 def encode_pool(vae, pool: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent means and standard deviations of every pool image (sampled afresh each step)."""
@@ -276,6 +308,9 @@ def pretrain_sd(cfg: SDPretrainConfig, progress: bool = True) -> dict:
     if log:
         log.close()
     unet.eval()
+    if cfg.decoder_steps > 0:
+        dec = finetune_decoder(vae, pool, cfg.decoder_steps, seed=cfg.seed, progress=progress)
+        vae_summary["decoder_steps"], vae_summary["decoder_final_loss"] = len(dec), float(np.mean(dec[-20:]))
     train_minutes = round((time.time() - started) / 60, 2)
 
     out = Path(cfg.out)
