@@ -102,6 +102,26 @@ def _regs(values: list[float], device: torch.device) -> float | Tensor:
     return torch.tensor(values, dtype=torch.float64, device=device)
 
 
+def _buckets(a_params: Sequence[Tensor], b_params: Sequence[Tensor], a_grads: Sequence[Tensor | None],
+             b_grads: Sequence[Tensor | None]) -> dict[tuple, list[int]]:
+    """Pair indices grouped by (shapes, dtypes, device, which gradients are missing)."""
+    out: dict[tuple, list[int]] = {}
+    for k, (a, b) in enumerate(zip(a_params, b_params)):
+        key = (a.shape, b.shape, a.dtype, b.dtype, a.device, a_grads[k] is None, b_grads[k] is None)
+        out.setdefault(key, []).append(k)
+    return out
+
+
+def _bucket_mode(a_shape: torch.Size, b_shape: torch.Size, a_dtype: torch.dtype, b_dtype: torch.dtype,
+                 count: int) -> tuple[torch.dtype, bool]:
+    """(compute dtype, stacked?) of a bucket. Small factors: stack the bucket and use batched
+    matmuls (few kernel launches). Large factors: the stacking copies cost more than the
+    launches, so loop over views instead."""
+    cdtype = compute_dtype(a_dtype) if compute_dtype(a_dtype) == compute_dtype(b_dtype) else torch.float64
+    r = a_shape[0]
+    return cdtype, r * (a_shape.numel() // r + b_shape[0]) * count <= _STACK_LIMIT
+
+
 def precondition_pairs(
     a_params: Sequence[Tensor],
     b_params: Sequence[Tensor],
@@ -119,21 +139,13 @@ def precondition_pairs(
     n = len(a_params)
     out_a: list[Tensor | None] = [None] * n
     out_b: list[Tensor | None] = [None] * n
-    buckets: dict[tuple, list[int]] = {}
-    for k in range(n):
-        a, b = a_params[k], b_params[k]
-        key = (a.shape, b.shape, a.dtype, b.dtype, a.device, a_grads[k] is None, b_grads[k] is None)
-        buckets.setdefault(key, []).append(k)
-
+    buckets = _buckets(a_params, b_params, a_grads, b_grads)
     for (a_shape, b_shape, a_dtype, b_dtype, device, no_ga, no_gb), ks in buckets.items():
         if no_ga and no_gb:
             continue
         r = a_shape[0]
-        cdtype = compute_dtype(a_dtype) if compute_dtype(a_dtype) == compute_dtype(b_dtype) else torch.float64
         count = len(ks)
-        # Small factors: stack the bucket and use batched matmuls (few kernel launches). Large
-        # factors: the stacking copies cost more than the launches, so loop over views instead.
-        stacked = r * (a_shape.numel() // r + b_shape[0]) * count <= _STACK_LIMIT
+        cdtype, stacked = _bucket_mode(a_shape, b_shape, a_dtype, b_dtype, count)
         grams = []
         if not no_ga:  # P_A needs B^T B
             grams.append(_grams([b_params[k].reshape(b_shape[0], r) for k in ks], cdtype, left=True,
@@ -177,11 +189,7 @@ class PreconditionPlan:
         self.signature = signature
         n = len(a_params)
         self.n = n
-        keyed: dict[tuple, list[int]] = {}
-        for k in range(n):
-            a, b = a_params[k], b_params[k]
-            key = (a.shape, b.shape, a.dtype, b.dtype, a.device, a_grads[k] is None, b_grads[k] is None)
-            keyed.setdefault(key, []).append(k)
+        keyed = _buckets(a_params, b_params, a_grads, b_grads)
         self.buckets = []
         # A bucket whose gradients mix dtypes is left to precondition_pairs (``uniform`` is False).
         self.uniform = all(
@@ -191,9 +199,8 @@ class PreconditionPlan:
             if no_ga and no_gb:
                 continue
             r = a_shape[0]
-            cdtype = compute_dtype(a_dtype) if compute_dtype(a_dtype) == compute_dtype(b_dtype) else torch.float64
             count = len(ks)
-            stacked = r * (a_shape.numel() // r + b_shape[0]) * count <= _STACK_LIMIT
+            cdtype, stacked = _bucket_mode(a_shape, b_shape, a_dtype, b_dtype, count)
             a_cols = a_shape.numel() // r
             b_rows = b_shape[0]
             n_gram = (0 if no_ga else count) + (0 if no_gb else count)

@@ -437,6 +437,11 @@ def write_report(summary: dict, path: str | Path, notes: str = "") -> Path:
         lines.append(f"| {h['step']} | {h['minutes']} | {h['loss']} | {h['held_out_top1']} | {h['temperature']} |")
     if notes:
         lines += ["", notes.strip()]
+    return write_lines(lines, path)
+
+
+def write_lines(lines: list[str], path: str | Path) -> Path:
+    """A markdown report, one line per entry (parent folders created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

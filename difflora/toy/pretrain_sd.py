@@ -40,7 +40,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from difflora.errors import UserError
-from difflora.toy.pretrain import _article, caption_variants, render_pool, retrieval_prompts, swap_in
+from difflora.toy.pretrain import (
+    _article,
+    caption_variants,
+    render_pool,
+    retrieval_prompts,
+    swap_in,
+    write_lines,
+)
 from difflora.toy.world import HELD_OUT, SHAPES, ToyWorld, _contrasting_colours
 
 
@@ -426,7 +433,4 @@ def write_report(summary: dict, path: str | Path, notes: str = "") -> Path:
     lines += [f"| {h['step']} | {h['minutes']} | {h['loss']} |" for h in unet.get("history", [])]
     if notes:
         lines += ["", notes.strip()]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_lines(lines, path)
