@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch.optim.adamw import adamw
 
-from difflora.optim.base import NamedParams, PreconditionedOptimizer, check_reg
+from difflora.optim.base import NamedParams, PreconditionedOptimizer, check_reg, use_foreach
 from difflora.optim.preconditioner import DEFAULT_REG
 
 
@@ -18,7 +18,7 @@ class ScaledAdamW(PreconditionedOptimizer):
     replaced, before the moments, by ``(B^T B + reg I)^-1 g_A`` and ``g_B (A A^T + reg I)^-1``,
     computed from the factors before this step. Everything after that is exactly
     ``torch.optim.AdamW`` -- decoupled weight decay, bias correction, optional amsgrad -- and it
-    is literally torch's functional ``adamw`` (multi-tensor ``_foreach`` kernels by default), so
+    is literally torch's functional ``adamw`` (multi-tensor or per-tensor kernels, see ``foreach``), so
     results match ``torch.optim.AdamW`` run on the preconditioned gradients. Parameters that are
     not LoRA factors get plain AdamW. ``.grad`` is never modified.
 
@@ -32,7 +32,9 @@ class ScaledAdamW(PreconditionedOptimizer):
             pairs; frozen parameters are dropped. A pair may span two groups (LoRA+ style rates).
         reg: damping of the ``r x r`` Gram matrices; per group. ``A``'s gradient uses the reg of
             ``A``'s group, ``B``'s gradient the reg of ``B``'s group. See ``DEFAULT_REG``.
-        foreach: use torch's multi-tensor kernels (default ``True``; ``False`` = per-tensor loop).
+        foreach: ``True`` torch's multi-tensor kernels, ``False`` a per-tensor loop; ``None``
+            (default) picks: multi-tensor on accelerators, and on CPU only for small factors
+            (see :func:`difflora.optim.base.use_foreach`).
     """
 
     def __init__(
@@ -94,11 +96,10 @@ class ScaledAdamW(PreconditionedOptimizer):
                 steps.append(state["step"])
             if not params:
                 continue
-            foreach = group["foreach"]
             beta1, beta2 = group["betas"]
             adamw(
                 params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                foreach=True if foreach is None else foreach,
+                foreach=use_foreach(group["foreach"], params),
                 amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
                 weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
             )

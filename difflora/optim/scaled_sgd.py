@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch.optim.sgd import sgd
 
-from difflora.optim.base import NamedParams, PreconditionedOptimizer, check_reg
+from difflora.optim.base import NamedParams, PreconditionedOptimizer, check_reg, use_foreach
 from difflora.optim.preconditioner import DEFAULT_REG
 
 
@@ -80,10 +80,9 @@ class ScaledSGD(PreconditionedOptimizer):
                     bufs.append(self.state[p].get("momentum_buffer"))
             if not params:
                 continue
-            foreach = group["foreach"]
             sgd(
                 params, grads, bufs,
-                foreach=True if foreach is None else foreach,
+                foreach=use_foreach(group["foreach"], params),
                 weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
                 dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
             )

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from difflora.optim import ScaledAdamW, ScaledSGD
+from difflora.optim.base import use_foreach
 
 
 def _model_params(dtype=torch.float64, seed=0):
@@ -53,8 +54,9 @@ def _hand_preconditioned(values, grads, reg_of):
     return out
 
 
+@pytest.mark.parametrize("foreach", [None, True, False])
 @pytest.mark.parametrize("kind", ["sgd", "sgd_nesterov", "adamw", "adamw_amsgrad"])
-def test_matches_hand_computation(kind):
+def test_matches_hand_computation(kind, foreach):
     reg0, reg1 = 0.1, 0.5
     ours = _model_params()
     ref = {n: p.detach().clone().requires_grad_() for n, p in ours.items()}
@@ -66,10 +68,10 @@ def test_matches_hand_computation(kind):
     if kind.startswith("sgd"):
         opts = dict(lr=1e-2, momentum=0.9, weight_decay=1e-2, nesterov=kind.endswith("nesterov"),
                     dampening=0.0 if kind.endswith("nesterov") else 0.1)
-        opt, ref_opt = ScaledSGD(groups, **opts), torch.optim.SGD(ref_groups, **opts)
+        opt, ref_opt = ScaledSGD(groups, **opts, foreach=foreach), torch.optim.SGD(ref_groups, **opts)
     else:
         opts = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-8, weight_decay=1e-2, amsgrad=kind.endswith("amsgrad"))
-        opt, ref_opt = ScaledAdamW(groups, **opts), torch.optim.AdamW(ref_groups, **opts)
+        opt, ref_opt = ScaledAdamW(groups, **opts, foreach=foreach), torch.optim.AdamW(ref_groups, **opts)
     reg_of = {n: reg0 for n in names0} | {n: reg1 for n in names1}
     gen = torch.Generator().manual_seed(1)
     for _ in range(4):
@@ -84,6 +86,14 @@ def test_matches_hand_computation(kind):
         for n in ours:
             torch.testing.assert_close(ours[n].detach(), ref[n].detach(), rtol=1e-10, atol=1e-12, msg=n)
             assert torch.equal(ours[n].grad, grads[n])  # .grad untouched
+
+
+def test_foreach_default_follows_tensor_size_on_cpu():
+    small = [torch.zeros(4, 320), torch.zeros(320, 4)]
+    large = [torch.zeros(64, 1280), torch.zeros(1280, 64)]
+    assert use_foreach(None, small) and not use_foreach(None, large)
+    assert use_foreach(True, large) and not use_foreach(False, small)  # an explicit choice wins
+    assert not use_foreach(None, [])
 
 
 def test_second_step_does_not_precondition_twice():
