@@ -82,11 +82,11 @@ def test_dreambooth_raises_clip_i_and_keeps_the_new_context(tmp_path):
     images = _sample(pipe, prompts)
     after = _scores(images, "checkered_star", clip_prompts)
     swapped = _scores(images, "checkered_star", clip_prompts[::-1])
-    # measured (toy VAE before its decoder fine-tune): CLIP-I 0.377 -> 0.535
-    assert after["clip_i"] > before["clip_i"] + 0.10, (before, after)
+    # measured: CLIP-I 0.052 -> 0.286
+    assert after["clip_i"] > before["clip_i"] + 0.15, (before, after)
     # The concept is drawn in the asked context, not in its training backgrounds: each image
-    # matches its own prompt better than the other context's. measured: 0.258 vs 0.201
-    assert after["clip_t"] > swapped["clip_t"] + 0.02, (after, swapped)
+    # matches its own prompt better than the other context's. measured: 0.478 vs 0.213
+    assert after["clip_t"] > swapped["clip_t"] + 0.10, (after, swapped)
 
 
 def test_fused_model_keeps_both_concepts(loras, tmp_path):
@@ -106,6 +106,6 @@ def test_fused_model_keeps_both_concepts(loras, tmp_path):
     star_vs_robot = _scores(images["checkered_star"], "robot", CONTEXTS)["clip_i"]
     own_robot = _scores(images["robot"], "robot", CONTEXTS)["clip_i"]
     robot_vs_star = _scores(images["robot"], "checkered_star", CONTEXTS)["clip_i"]
-    # measured (toy VAE before its decoder fine-tune): star 0.156 own vs 0.022 robot; robot 0.244 vs 0.087
+    # measured: star 0.357 own vs 0.233 robot; robot 0.455 vs 0.281
     assert own_star > star_vs_robot + 0.05, (own_star, star_vs_robot)
     assert own_robot > robot_vs_star + 0.05, (own_robot, robot_vs_star)
