@@ -350,10 +350,9 @@ def pretrain_sd(cfg: SDPretrainConfig, progress: bool = True) -> dict:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=_scheduler("epsilon"), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+    unet.to(getattr(torch, cfg.unet_dtype))  # storage only: diffusers loads it as float32 by default
     pipe.save_pretrained(staging, safe_serialization=True)
-    if cfg.unet_dtype == "float16":  # diffusers loads these as float32 unless torch_dtype says otherwise
-        unet.to(torch.float16).save_pretrained(staging / "unet", safe_serialization=True)
-        unet.to(torch.float32)
+    unet.to(torch.float32)
     summary = {"vae": vae_summary, "unet": {"steps": steps_done, "final_loss": float(np.mean(recent[-100:])),
                                             "history": history},
                "minutes": train_minutes, "config": asdict(cfg), "output_dir": str(out)}
