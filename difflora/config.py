@@ -135,8 +135,15 @@ def format_help(cls: type, prog: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(cls: type[C], argv: list[str] | None = None, prog: str = "difflora") -> C:
-    """Build ``cls`` from ``--config`` YAML and command-line flags (flags win)."""
+def parse_config(
+    cls: type[C], argv: list[str] | None = None, prog: str = "difflora", positional: str | None = None
+) -> C:
+    """Build ``cls`` from ``--config`` YAML and command-line flags (flags win).
+
+    A bare boolean flag (``--sdxl``) means true and takes the next token as its value only when
+    that token is a boolean literal, so ``--sdxl DIR`` never swallows ``DIR``. ``positional``
+    names the field that one bare argument fills (``make-tiny-model DIR``), wherever it stands.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     fields = _fields(cls)
     if any(a in ("-h", "--help") for a in argv):
@@ -153,6 +160,9 @@ def parse_config(cls: type[C], argv: list[str] | None = None, prog: str = "diffl
             key, eq, inline = tok[2:].partition("=")
         elif "=" in tok and not tok.startswith("-"):
             key, eq, inline = tok.partition("=")
+        elif positional is not None and positional not in cli:
+            cli[positional] = tok
+            continue
         else:
             raise UserError(f"unexpected argument '{tok}'; options are written --key value or key=value")
         key = key.replace("-", "_")
@@ -169,6 +179,11 @@ def parse_config(cls: type[C], argv: list[str] | None = None, prog: str = "diffl
         tp = fields[key].type
         if eq:
             values: list[str] = [inline]
+        elif _unwrap_optional(tp)[0] is bool:
+            values = ["true"]
+            if i < len(argv) and argv[i].lower() in _TRUE | _FALSE:
+                values = [argv[i]]
+                i += 1
         else:
             values = []
             while i < len(argv) and not argv[i].startswith("--") and not (

@@ -1,9 +1,9 @@
 """Base models and LoRA attachment.
 
 A Stable Diffusion checkpoint (hub id or local folder, SD 1.x / 2.x or SDXL) is loaded component
-by component so the trainer can freeze, cast and wrap each one; LoRA adapters are attached with
-peft's ``add_adapter``, the same mechanism diffusers' own scripts use, so saved files follow the
-format ``pipe.load_lora_weights`` expects.
+by component so the trainer can freeze, cast and wrap each one; LoRA adapters are injected with
+peft's ``inject_adapter_in_model``, the mechanism diffusers' own loaders use, so saved files follow
+the format ``pipe.load_lora_weights`` expects.
 """
 
 from __future__ import annotations
@@ -120,11 +120,14 @@ def add_lora(module: nn.Module, rank: int, alpha: float, targets: list[str], ada
 
     B starts at zero (the model is unchanged at step 0) and A Gaussian, as in diffusers.
     """
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
     try:
-        module.add_adapter(config, adapter_name=adapter_name)
+        # peft itself, not transformers' ``add_adapter``: that integration gates on its own minimum
+        # peft version (transformers 5.24 asks for a peft that is not released), and diffusers'
+        # loaders inject the same way. The base weights stay frozen; only lora_A/lora_B train.
+        inject_adapter_in_model(config, module, adapter_name=adapter_name)
     except ValueError as err:
         raise UserError(f"cannot attach LoRA to {type(module).__name__}: {str(err).splitlines()[0]}") from None
     return sum(1 for n, _ in module.named_modules() if n.endswith(f"lora_A.{adapter_name}"))

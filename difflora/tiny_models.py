@@ -252,11 +252,8 @@ class TinyModelConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # A positional folder is accepted for convenience: `difflora make-tiny-model DIR`.
-    argv = list(argv or [])
-    if argv and not argv[0].startswith("-") and "=" not in argv[0]:
-        argv = ["--output_dir", argv[0], *argv[1:]]
-    cfg = parse_config(TinyModelConfig, argv, prog="difflora make-tiny-model")
+    # A positional folder is accepted for convenience: `difflora make-tiny-model [--sdxl] DIR`.
+    cfg = parse_config(TinyModelConfig, argv, prog="difflora make-tiny-model", positional="output_dir")
     out = Path(cfg.output_dir)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise UserError(f"'{out}' is not empty; choose another folder or pass --overwrite")

@@ -34,7 +34,8 @@ def test_cli_forms_and_precedence(tmp_path):
     [
         (["--name", "x", "--stepz", "3"], "unknown option 'stepz'; valid options: flag, lr, maybe"),
         (["--name", "x", "--steps", "3.5"], "expects an integer"),
-        (["--name", "x", "--flag", "maybe"], "expects true or false"),
+        (["--name", "x", "--flag=maybe"], "expects true or false"),
+        (["--name", "x", "--flag", "maybe"], "unexpected argument 'maybe'"),
         (["--name", "x", "--mode", "c"], "must be one of a, b"),
         (["--steps", "3"], "missing required option(s): --name"),
         (["--name", "x", "--config", "/nonexistent.yaml"], "does not exist"),
@@ -45,6 +46,26 @@ def test_bad_input_is_one_clear_line(argv, message):
         parse_config(Job, argv)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_bare_boolean_flag_takes_only_a_boolean_literal():
+    assert parse_config(Job, ["--flag", "--name", "x"]).flag is True
+    assert parse_config(Job, ["--name", "x", "--flag", "false"]).flag is False
+    assert parse_config(Job, ["--name", "x", "--flag", "Yes", "--steps", "2"]).flag is True
+    # the positional field is filled wherever the bare argument stands, never swallowed by a flag
+    cfg = parse_config(Job, ["--flag", "DIR"], positional="name")
+    assert (cfg.flag, cfg.name) == (True, "DIR")
+    cfg = parse_config(Job, ["DIR", "--flag", "off"], positional="name")
+    assert (cfg.flag, cfg.name) == (False, "DIR")
+
+
+def test_make_tiny_model_sdxl_flag_before_folder(tmp_path, monkeypatch):
+    import difflora.tiny_models as tiny
+
+    seen = {}
+    monkeypatch.setattr(tiny, "make_tiny_model", lambda out, **kw: seen.update(out=out, **kw))
+    tiny.main(["--sdxl", str(tmp_path / "m")])
+    assert seen["out"] == tmp_path / "m" and seen["sdxl"] is True
 
 
 def test_yaml_unknown_key_refused(tmp_path):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 
 from difflora.errors import UserError
 from difflora.lora_io import (
@@ -48,7 +48,7 @@ def _add_lora(pipe, r=4, alpha=8, seed=0, text=True, rank_pattern=None):
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
     if text:
         for i, te in enumerate(encoders):
-            te.add_adapter(LoraConfig(r=r, lora_alpha=alpha, target_modules=TE_TARGETS))
+            inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=TE_TARGETS), te)
             _perturb(te, seed + 1 + i)
 
 

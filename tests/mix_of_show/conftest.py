@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -22,8 +22,8 @@ def make_concept_lora(base, out_dir, seed):
     from difflora.lora_io import save_lora
 
     pipe = _load(base)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS))
-    pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TE_TARGETS))
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS), pipe.unet)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=TE_TARGETS), pipe.text_encoder)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for model in (pipe.unet, pipe.text_encoder):
