@@ -26,7 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: difflora <command> [options]", "", "commands:"]
+    lines = ["usage: difflora [--version] <command> [options]", "", "commands:"]
     width = max(len(n) for n in SUBCOMMANDS)
     for name, (_, desc) in SUBCOMMANDS.items():
         lines.append(f"  {name.ljust(width)}  {desc}")
@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         raise SystemExit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        from difflora import __version__
+
+        print(f"difflora {__version__}")
+        raise SystemExit(0)
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         print(f"difflora: error: unknown command '{name}'; valid commands: {', '.join(SUBCOMMANDS)}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
@@ -59,6 +60,27 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int = 25, gui
     return rows  # type: ignore[return-value]
 
 
+def _wrap(text: str, width: float, length: Callable[[str], float], max_lines: int) -> list[str]:
+    """Greedy word wrap to ``width`` pixels; a word wider than a line is cut; '...' marks dropped text."""
+    lines: list[str] = []
+    for word in text.split():
+        pieces = []
+        while length(word) > width and len(word) > 1:  # a very long word: cut it where it overflows
+            cut = max(k for k in range(1, len(word)) if length(word[:k]) <= width or k == 1)
+            pieces.append(word[:cut])
+            word = word[cut:]
+        if pieces:
+            lines.extend([*pieces, word])
+        elif lines and length(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1].rstrip(".") + "..."
+    return lines
+
+
 def make_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str],
               min_cell: int = 96) -> Image.Image:
     """A labelled grid: one row per prompt (label on the left), one column per seed (label on top).
@@ -72,8 +94,10 @@ def make_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: 
     factor = max(1, -(-min_cell // max(w, h, 1)))
     w, h = w * factor, h * factor
     font = ImageFont.load_default()
-    label_w = min(max(120, 6 * max((len(s) for s in row_labels), default=0)), 360)
-    pad_top = 14
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # A compact label column: about one cell wide, labels word-wrapped (spaces kept between words).
+    label_w = int(min(max(w, 110), 1.5 * w + 40))
+    line_h, pad_top = 11, 14
     cell = max(w, 1)
     grid = Image.new("RGB", (label_w + cell * len(rows[0]), pad_top + h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
@@ -81,9 +105,11 @@ def make_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: 
         draw.text((label_w + j * cell + 2, 1), label, fill="black", font=font)
     for i, row in enumerate(rows):
         text = row_labels[i] if i < len(row_labels) else ""
-        lines = [text[k:k + max(1, label_w // 6)] for k in range(0, len(text), max(1, label_w // 6))][: max(1, h // 12)]
+        # Pillow's default font draws a space 2 px wide, so words run together: draw two.
+        lines = _wrap(text, label_w - 6, lambda s: measure.textlength(s.replace(" ", "  "), font=font),
+                      max(1, (h - 4) // line_h))
         for n, line in enumerate(lines):
-            draw.text((2, pad_top + i * h + 2 + 11 * n), line, fill="black", font=font)
+            draw.text((3, pad_top + i * h + 2 + line_h * n), line.replace(" ", "  "), fill="black", font=font)
         for j, image in enumerate(row):
             grid.paste(image.convert("RGB").resize((w, h), Image.NEAREST), (label_w + j * cell, pad_top + i * h))
     return grid
