@@ -4,7 +4,13 @@
 """
 
 from difflora.errors import exit_on_user_error
-from difflora.train.dreambooth import main
+
+
+def _main() -> None:
+    from difflora.train.dreambooth import main  # imported under the guard: Ctrl-C here is exit 130 too
+
+    main()
+
 
 if __name__ == "__main__":
-    exit_on_user_error(main, prog="train_dreambooth.py")
+    exit_on_user_error(_main, prog="train_dreambooth.py")

@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"difflora: error: unknown command '{name}'; valid commands: {', '.join(SUBCOMMANDS)}",
               file=sys.stderr)
         raise SystemExit(2)
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    exit_on_user_error(lambda: module.main(rest), prog=f"difflora {name}")
+    # The import is inside the guard too: it takes seconds (torch, diffusers), and Ctrl-C during it
+    # is an interrupt like any other (one line, exit 130), not a traceback.
+    exit_on_user_error(lambda: importlib.import_module(SUBCOMMANDS[name][0]).main(rest), prog=f"difflora {name}")
 
 
 if __name__ == "__main__":

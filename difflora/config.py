@@ -8,12 +8,18 @@ of underscores; a bare ``--flag`` sets a boolean to true; list fields take sever
 (``--seeds 0 1 2``) and repeated flags extend them (``--prompt a --prompt b``).
 
 Unknown keys and values of the wrong type are refused with a :class:`UserError` that lists the
-valid keys, so a typo never silently falls back to a default.
+valid keys, so a typo never silently falls back to a default. Every float option must be finite:
+NaN and infinity are refused at parse time because no option gives them a meaning (options that
+can be switched off use 0 or are left unset), and a NaN would otherwise pass every ``<`` / ``>``
+range check in ``validate()`` and surface steps later as NaN weights or a crash.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 import sys
 import types
 import typing
@@ -81,9 +87,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool):
             raise UserError(f"option '{key}' expects a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise UserError(f"option '{key}' expects a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise UserError(f"option '{key}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise UserError(f"option '{key}' expects a string, got {value!r}")
@@ -101,7 +110,101 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
 
 
 def _unknown(key: str, fields: dict[str, dataclasses.Field]) -> UserError:
-    return UserError(f"unknown option '{key}'; valid options: {', '.join(sorted(fields))}")
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.75)
+    hint = f"did you mean --{close[0]}? " if close else ""
+    return UserError(f"unknown option '{key}'; {hint}valid options: {', '.join(sorted(fields))}")
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped), or one line naming the problem.
+
+    Every text file difflora reads (configs, captions, prompts, layouts, manifests) comes through
+    here, so an encoding or permission problem is a :class:`UserError` naming the file, never a
+    traceback. ``what`` says which file it is ("caption file", "layout file", ...).
+    """
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{what} '{path}' is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                        f"{err.start}); save it with UTF-8 encoding") from None
+    except OSError as err:
+        raise UserError(f"cannot read {what} '{path}' ({err.strerror or type(err).__name__}); "
+                        "check the path and its permissions") from None
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """Refuse a torch device this machine does not have, before any model is loaded.
+
+    ``None`` means "pick one automatically" and passes. Without this a missing GPU surfaces as a
+    traceback from deep inside ``.to(device)`` after the slow model load. Jobs call it first
+    thing, not in ``validate()``: a config written for a GPU machine still parses anywhere.
+    """
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{flag} '{device}' is not a torch device; use cpu, cuda, cuda:1 or mps") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"{flag} '{device}': this machine has no usable CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"{flag} '{device}': this machine has {count} CUDA GPU(s) (cuda:0 to "
+                            f"cuda:{count - 1}); pick one of them")
+        return
+    backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if not (callable(available) and available()):
+        raise UserError(f"{flag} '{device}': no {dev.type} device is available on this machine; use --device cpu")
+
+
+def check_image_size(height: int | None, width: int | None, flags: tuple[str, str] = ("--height", "--width")
+                     ) -> None:
+    """Refuse an image size the pipelines cannot make: positive multiples of 8 (the VAE's factor).
+
+    Checked with the other options, so a bad size fails at once instead of inside the pipeline
+    after the model has loaded. ``None`` means the model's own size and passes.
+    """
+    for flag, value in zip(flags, (height, width)):
+        if value is not None and (value <= 0 or value % 8):
+            raise UserError(f"{flag} must be a positive multiple of 8, got {value}; e.g. {max(8, round(value / 8) * 8)}")
+
+
+# Bounds of the numeric options the training jobs share: name -> (lowest, lowest allowed?, highest
+# excluded). A value outside them is meaningless (a negative warm-up, a beta of 1) and would either
+# crash deep in set-up or train silently wrong. NaN / inf never get here (refused by the parser).
+TRAINING_BOUNDS: dict[str, tuple[float, bool, float | None]] = {
+    **{name: (0, True, None) for name in (
+        "lr_warmup_steps", "num_class_images", "num_validation_images", "dataloader_num_workers",
+        "checkpoints_total_limit", "prior_loss_weight", "adam_weight_decay", "sgd_momentum", "noise_offset",
+        "text_encoder_lr", "embedding_lr", "unet_lr", "embedding_freeze_norm", "init_std", "lr_power",
+        "max_grad_norm", "optimizer_reg")},
+    **{name: (0, False, None) for name in (
+        "learning_rate", "lr_num_cycles", "adam_epsilon", "snr_gamma", "lora_alpha", "validation_inference_steps",
+        "validation_steps", "validation_epochs", "rank", "train_batch_size", "gradient_accumulation_steps",
+        "num_train_epochs", "checkpointing_steps", "max_train_steps")},
+    "adam_beta1": (0, True, 1),
+    "adam_beta2": (0, True, 1),
+    "seed": (0, True, 2**63),
+}
+
+
+def check_bounds(cfg: Any, bounds: dict[str, tuple[float, bool, float | None]] = TRAINING_BOUNDS) -> None:
+    """Refuse options of ``cfg`` outside ``bounds``; options ``cfg`` lacks, or leaves unset, pass."""
+    for name, (low, inclusive, high) in bounds.items():
+        value = getattr(cfg, name, None)
+        if value is None or isinstance(value, bool):
+            continue
+        if value < low or (value == low and not inclusive) or (high is not None and value >= high):
+            rule = f">= {low:g}" if inclusive else f"> {low:g}"
+            rule += f" and < {high:g}" if high is not None else ""
+            raise UserError(f"--{name} must be {rule}, got {value}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -110,7 +213,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file '{path}' does not exist; check the path given to --config")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text(path, "config file")) or {}
     except yaml.YAMLError as err:
         raise UserError(f"config file '{path}' is not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -118,21 +221,46 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _group_of(cls: type, name: str) -> str:
+    """The title of the option group that declares ``name``: the most basic class declaring it."""
+    owner = cls
+    for klass in cls.__mro__:
+        if name in getattr(klass, "__annotations__", {}) and dataclasses.is_dataclass(klass):
+            owner = klass
+    if owner is cls:
+        return f"{cls.__name__.removesuffix('Config')} options"
+    title = re.sub(r"(?<!^)(?=[A-Z][a-z])", " ", owner.__name__.removesuffix("Options")).strip()
+    return title.replace("Lo RA", "LoRA") or "Options"
+
+
 def format_help(cls: type, prog: str) -> str:
+    """``--help``: options under the group that declares them, with type or choices and default."""
     lines = [f"usage: {prog} [--config FILE.yaml] [--option value ...]", ""]
     doc = (cls.__doc__ or "").strip().splitlines()
     if doc:
         lines += [doc[0], ""]
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, list[str]] = {}
     for name, f in _fields(cls).items():
         default = "" if f.default is dataclasses.MISSING else f" (default: {f.default!r})"
         if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
             default = f" (default: {f.default_factory()!r})"
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             default = " (required)"
-        lines.append(f"  --{name}{default}")
+        tp, _ = _unwrap_optional(hints.get(name, str))
+        if typing.get_origin(tp) is typing.Literal:
+            kind = "{" + ",".join(map(str, typing.get_args(tp))) + "}"
+        elif typing.get_origin(tp) in (list, tuple):
+            kind = f"{getattr((typing.get_args(tp) or (str,))[0], '__name__', 'value')} ..."
+        else:
+            kind = "" if tp is bool else getattr(tp, "__name__", "value")
+        entry = [f"  --{name}{' ' + kind if kind else ''}{default}"]
         if f.metadata.get("help"):
-            lines.append(f"      {f.metadata['help']}")
-    return "\n".join(lines)
+            entry.append(f"      {f.metadata['help']}")
+        groups.setdefault(_group_of(cls, name), []).extend(entry)
+    for title, entries in groups.items():
+        lines += [f"{title}:", *entries, ""]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def parse_config(
@@ -211,18 +339,40 @@ def parse_config(
                 raise _unknown(key, fields)
             merged[key] = value
     merged.update(cli)
+    return config_from_mapping(cls, merged)
 
-    kwargs = {key: _coerce(key, value, fields[key].type) for key, value in merged.items()}
+
+def config_from_mapping(cls: type[C], values: dict[str, Any], source: str | None = None) -> C:
+    """Build and validate ``cls`` from a mapping of option -> value (strings or YAML/JSON scalars).
+
+    Every value goes through the same coercion as a command-line flag, so a file written by
+    difflora (a manifest) or by hand is held to the flags' rules. ``source`` names the file in
+    messages about unknown keys.
+    """
+    fields = _fields(cls)
+    where = f" in '{source}'" if source else ""
+    kwargs = {}
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        if key not in fields:
+            raise UserError(f"unknown option '{key}'{where}; valid options: {', '.join(sorted(fields))}")
+        try:
+            kwargs[key] = _coerce(key, value, fields[key].type)
+        except UserError as err:
+            raise UserError(f"{err}{where}") from None
     missing = [
         n for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise UserError(f"missing required option(s): {', '.join('--' + m for m in missing)}")
+        raise UserError(f"missing required option(s){where}: {', '.join('--' + m for m in missing)}")
     cfg = cls(**kwargs)
     validate = getattr(cfg, "validate", None)
     if callable(validate):
-        validate()
+        try:
+            validate()
+        except UserError as err:
+            raise UserError(f"{err}{where}") from None
     return cfg
 
 

@@ -16,8 +16,13 @@ from pathlib import Path
 
 from difflora.config import parse_config
 from difflora.errors import UserError
+from difflora.output_dir import Outputs, output_job, prepare_output_dir, safetensors_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
+# What the demo writes itself; the DreamBooth run it starts writes (and replaces) its own outputs.
+OUTPUTS = Outputs("demo", ("grid.png", "base-model"), recognise=lambda out: (
+    "difflora_version" in safetensors_metadata(out / "pytorch_lora_weights.safetensors")
+    or (out / "base-model" / "model_index.json").is_file()))
 
 
 @dataclass
@@ -46,6 +51,7 @@ def _base_model(out: Path) -> tuple[Path, Path]:
     return tiny, tiny / "clip"
 
 
+@output_job
 def run_demo(cfg: DemoConfig) -> dict:
     from difflora.train.dreambooth import DreamBoothConfig, train
 
@@ -56,7 +62,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         raise UserError(f"unknown concept '{cfg.concept}'; shipped concepts: {', '.join(names)}")
     meta = json.loads(meta_file.read_text())
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out, OUTPUTS, overwrite=False, clear=False)  # a user's grid.png here is refused, not replaced
     model, clip = _base_model(out)
     resolution = 32 if model.name == "base-model" else int(
         json.loads((model / "vae" / "config.json").read_text()).get("sample_size", 32))

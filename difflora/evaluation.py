@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from difflora.config import parse_config
-from difflora.data import find_images, load_image
+from difflora.config import check_device, parse_config, read_text
+from difflora.data import UnreadableImage, load_image, read_images
 from difflora.errors import UserError
+from difflora.output_dir import Outputs, atomic_write_text, output_job, prepare_output_dir
 
 # DreamBooth paper, Table 1 (Stable Diffusion DreamBooth and real images).
 PAPER_REFERENCE = {
@@ -165,7 +166,7 @@ def load_images(folder: str | Path, what: str = "images", flag: str | None = Non
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{what} folder '{folder}' does not exist; check {flag or '--' + what}")
-    return [load_image(p) for p in find_images(folder, what)]
+    return read_images(folder, what)[1]  # each file decoded once
 
 
 def _load_listed(folder: Path, names: list[str]) -> list[Image.Image]:
@@ -174,15 +175,15 @@ def _load_listed(folder: Path, names: list[str]) -> list[Image.Image]:
     for name in names:
         try:
             images.append(load_image(folder / name))
-        except (OSError, ValueError, SyntaxError):
-            raise UserError(f"image '{folder / name}' listed in manifest.json is missing or unreadable; "
-                            "re-run difflora sample or drop the manifest") from None
+        except UnreadableImage as err:
+            raise UserError(f"image '{folder / name}' listed in manifest.json is missing or unreadable "
+                            f"({err.reason}); re-run difflora sample or drop the manifest") from None
     return images
 
 
 def markdown_table(scores: dict[str, float]) -> str:
     """Our scores beside the DreamBooth paper's (cosines in [0, 1]; higher is better)."""
-    rows = ["| cosine similarity | DINO | CLIP-I | CLIP-T |", "|---|---|---|---|"]
+    rows = [_TABLE_HEADER, "|---|---|---|---|"]
 
     def cell(v):
         return "-" if v is None else f"{v:.3f}"
@@ -208,21 +209,49 @@ class EvalConfig:
     out: str = field(default="metrics.json", metadata={"help": "where to write the scores"})
 
 
+_TABLE_HEADER = "| cosine similarity | DINO | CLIP-I | CLIP-T |"
+
+
+def _prepare_out(out: Path) -> None:
+    """Check where the scores go before any model loads: ``--out`` is the user's choice and is
+    replaced; the table beside it only if an earlier evaluation wrote it."""
+    if out.is_dir():
+        raise UserError(f"--out '{out}' is a folder; give a file path such as {out / 'metrics.json'}")
+    if out.suffix.lower() == ".md":
+        raise UserError(f"--out '{out}' would be replaced by the markdown table written beside it; "
+                        "give a .json path")
+    table = out.with_suffix(".md").name
+
+    def is_ours(folder: Path) -> bool:
+        try:
+            with open(folder / table, encoding="utf-8") as f:
+                return f.readline().rstrip("\n") == _TABLE_HEADER
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    prepare_output_dir(out.parent, Outputs("eval", (table,), recognise=is_ours, record=False), overwrite=False,
+                       clear=False, what="--out folder")
+
+
+@output_job
 def evaluate(cfg: EvalConfig) -> dict[str, float]:
     """Score a folder of images; write ``cfg.out`` (JSON) and a markdown table beside it."""
     if not cfg.images or not cfg.clip_model:
         raise UserError("--images and --clip-model are required")
+    check_device(cfg.device)
+    out = Path(cfg.out)
+    _prepare_out(out)
     folder = Path(cfg.images)
     manifest = folder / "manifest.json"
     prompts: str | list[str] | None = None
     if manifest.is_file():  # a folder written by difflora sample: its image list, and its prompts
         try:
-            entries = json.loads(manifest.read_text(encoding="utf-8"))["images"]
+            entries = json.loads(read_text(manifest, "manifest"))["images"]
+            files, prompts = [str(e["file"]) for e in entries], [str(e["prompt"]) for e in entries]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"'{manifest}' is not a difflora sample manifest; remove it or re-run "
                             "difflora sample") from None
-        images = _load_listed(folder, [e["file"] for e in entries])
-        prompts = [e["prompt"] for e in entries]
+        images = _load_listed(folder, files)
     else:
         images = load_images(folder, "images")
     if cfg.prompts:
@@ -235,12 +264,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
         raise UserError("give --prompt TEXT, --prompts FILE, or a folder written by difflora sample")
     reference = load_images(cfg.reference, "reference") if cfg.reference else None
     scores = score_images(images, prompts, reference, cfg.clip_model, cfg.dino_model, cfg.device)
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out, json.dumps(scores, indent=2) + "\n"), (out.with_suffix(".md"), markdown_table(scores))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+    atomic_write_text(out, json.dumps(scores, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".md"), markdown_table(scores))
     return scores
 
 

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from difflora.errors import UserError
+from difflora.families import family_named
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +97,6 @@ def _live_path(model: nn.Module, path: str) -> str:
 def _strip_wrappers(name: str) -> str:
     """Drop the prefixes a ``PeftModel`` wrapper adds to module names."""
     return name.removeprefix("base_model.model.")
-
-
-def _kohya_prefix(component: str, sdxl: bool) -> str:
-    if component == "unet":
-        return "lora_unet_"
-    if component == "text_encoder":
-        return "lora_te1_" if sdxl else "lora_te_"
-    return "lora_te2_"
 
 
 # Multi-word names in diffusers / transformers module paths, so a kohya name (all dots turned into
@@ -281,6 +274,7 @@ def save_lora(
     # SDXL is told by its UNet (size / crop conditioning), not by whether a second text encoder
     # was trained: a UNet-only SDXL LoRA is still an SDXL file.
     sdxl = text_encoder_2 is not None or getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+    family = family_named("sdxl" if sdxl else "sd")
     ranks = sorted({v.rank for v in layers.values()})
     alphas = sorted({round(v.scale * v.rank, 6) for v in layers.values()})
     base_model = str(getattr(getattr(unet, "config", None), "_name_or_path", None) or "")
@@ -292,7 +286,7 @@ def save_lora(
         "difflora_base_model": str(base_model),
         "difflora_rank": json.dumps(ranks[0] if len(ranks) == 1 else ranks),
         "difflora_alpha": json.dumps(alphas[0] if len(alphas) == 1 else alphas),
-        "difflora_model_type": "sdxl" if sdxl else "sd",
+        "difflora_model_type": family.name,
         **_metadata_strings(metadata),
     }
 
@@ -318,13 +312,13 @@ def save_lora(
         tensors = {}
         for key, layer in layers.items():
             component, _, module = key.partition(".")
-            name = _kohya_prefix(component, sdxl) + module.replace(".", "_")
+            name = family.kohya_prefix(component) + module.replace(".", "_")
             tensors[f"{name}.lora_down.weight"] = layer.down
             tensors[f"{name}.lora_up.weight"] = layer.up
             tensors[f"{name}.alpha"] = torch.tensor(layer.scale * layer.rank, dtype=torch.float32)
         kohya_meta = {**common, "ss_network_module": "networks.lora", "ss_network_dim": str(ranks[-1]),
                       "ss_network_alpha": str(alphas[-1]),
-                      "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1"}
+                      "ss_base_model_version": family.kohya_base_model_version}
         path = output_dir / KOHYA_WEIGHT_NAME
         _atomic_save(tensors, path, kohya_meta)
         written.append(path)

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from difflora.errors import UserError
+from difflora.families import ModelFamily, family_for
 
 # Target presets: module-name suffixes that peft matches. "attention" is diffusers' default;
 # "all-linear" follows kohya's LoRA-C3Lier-free default (every linear layer of the transformer
@@ -36,21 +37,17 @@ LORA_TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
     },
 }
 
-_SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-_SDXL_COMPONENTS = _SD_COMPONENTS + ("text_encoder_2", "tokenizer_2")
-
-
 @dataclass
 class BaseModel:
-    """The pieces of a Stable Diffusion checkpoint that training needs."""
+    """The pieces of a Stable Diffusion checkpoint that training needs, and their family."""
 
     path: str
     unet: Any
     vae: Any
     noise_scheduler: Any
+    family: ModelFamily
     tokenizers: list[Any] = field(default_factory=list)
     text_encoders: list[Any] = field(default_factory=list)
-    is_sdxl: bool = False
 
     @property
     def prediction_type(self) -> str:
@@ -61,32 +58,34 @@ class BaseModel:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-def _check_local_folder(path: Path) -> bool:
-    """Validate a local diffusers folder; return whether it is SDXL."""
+def _check_local_folder(path: Path) -> ModelFamily:
+    """Validate a local diffusers folder; return its family."""
     index = path / "model_index.json"
     if not index.is_file():
         raise UserError(f"'{path}' is not a diffusers model folder (no model_index.json); "
                         "pass a folder saved with save_pretrained or a hub id")
     try:
         declared = json.loads(index.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"'{index}' is not valid JSON; re-save the model folder") from None
-    is_sdxl = "text_encoder_2" in declared
-    for name in _SDXL_COMPONENTS if is_sdxl else _SD_COMPONENTS:
+    if not isinstance(declared, dict):
+        raise UserError(f"'{index}' is not a diffusers model index; re-save the model folder")
+    family = family_for(set(declared))
+    for name in family.components:
         if not (path / name).is_dir():
             raise UserError(f"the model folder '{path}' has no '{name}' component; "
-                            "copy the complete pipeline folder (unet, vae, text_encoder, tokenizer, scheduler)")
-    return is_sdxl
+                            f"copy the complete pipeline folder ({', '.join(family.components)})")
+    return family
 
 
 def load_base_model(path: str, revision: str | None = None, variant: str | None = None) -> BaseModel:
-    """Load tokenizer(s), text encoder(s), VAE, UNet and a DDPM noise scheduler."""
+    """Load tokenizer(s), text encoder(s), VAE, UNet and a DDPM noise scheduler of any known family."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import AutoTokenizer
 
     local = Path(path)
     if local.exists():
-        is_sdxl = _check_local_folder(local)
+        family = _check_local_folder(local)
     else:
         from huggingface_hub import model_info  # only reached for hub ids
 
@@ -95,24 +94,20 @@ def load_base_model(path: str, revision: str | None = None, variant: str | None 
         except Exception as err:  # noqa: BLE001 - any hub failure means "cannot use this id"
             raise UserError(f"cannot find model '{path}' locally or on the hub ({type(err).__name__}); "
                             "check the id or pass a local folder") from None
-        is_sdxl = any(f.startswith("text_encoder_2/") for f in files)
+        family = family_for({f.split("/", 1)[0] for f in files if "/" in f})
     kw = dict(revision=revision)
     try:
-        tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)]
-        text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw)]
-        if is_sdxl:
-            tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw))
-            text_encoders.append(
-                CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", variant=variant, **kw)
-            )
+        tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=sub, **kw) for sub in family.tokenizer_subfolders]
+        text_encoders = [cls.from_pretrained(path, subfolder=sub, variant=variant, **kw)
+                         for cls, sub in zip(family.text_encoder_classes(), family.text_encoder_subfolders)]
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load model '{path}': {first}") from None
-    return BaseModel(path=str(path), unet=unet, vae=vae, noise_scheduler=scheduler, tokenizers=tokenizers,
-                     text_encoders=text_encoders, is_sdxl=is_sdxl)
+    return BaseModel(path=str(path), unet=unet, vae=vae, noise_scheduler=scheduler, family=family,
+                     tokenizers=tokenizers, text_encoders=text_encoders)
 
 
 def add_lora(module: nn.Module, rank: int, alpha: float, targets: list[str], adapter_name: str = "default") -> int:
@@ -131,8 +126,3 @@ def add_lora(module: nn.Module, rank: int, alpha: float, targets: list[str], ada
     except ValueError as err:
         raise UserError(f"cannot attach LoRA to {type(module).__name__}: {str(err).splitlines()[0]}") from None
     return sum(1 for n, _ in module.named_modules() if n.endswith(f"lora_A.{adapter_name}"))
-
-
-def lora_parameters(module: nn.Module, prefix: str) -> list[tuple[str, nn.Parameter]]:
-    """The trainable (LoRA) parameters of ``module`` with names prefixed by the component."""
-    return [(f"{prefix}.{n}", p) for n, p in module.named_parameters() if p.requires_grad]

@@ -8,7 +8,7 @@ wraps both: base model + LoRA files -> images, a grid and a manifest that reprod
 from __future__ import annotations
 
 import json
-import os
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,8 +18,16 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from difflora.config import config_to_dict, parse_config
+from difflora.config import (
+    check_device,
+    check_image_size,
+    config_from_mapping,
+    config_to_dict,
+    parse_config,
+    read_text,
+)
 from difflora.errors import UserError
+from difflora.output_dir import Outputs, atomic_save_image, atomic_write_text, output_job, prepare_output_dir
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -128,7 +136,11 @@ def load_pipeline(model: str, dtype: str = "float32", device: str = "cpu", sched
         raise UserError(f"'{model}' is not a diffusers model folder (no model_index.json)")
     # SD 1.x/2.x pipelines come with a safety checker (not wanted for research grids); SDXL has none.
     if (path / "model_index.json").is_file():
-        has_checker = "safety_checker" in json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        try:
+            has_checker = "safety_checker" in json.loads(read_text(path / "model_index.json", "model index"))
+        except json.JSONDecodeError as err:
+            raise UserError(f"'{path / 'model_index.json'}' is not valid JSON ({err.msg}); the model folder is "
+                            "damaged, download or copy it again") from None
     else:
         has_checker = "xl" not in model.lower()
     extra = {"safety_checker": None} if has_checker else {}
@@ -136,6 +148,10 @@ def load_pipeline(model: str, dtype: str = "float32", device: str = "cpu", sched
         pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, **extra)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model '{model}': {str(err).strip().splitlines()[0]}") from None
+    # diffusers before 0.42 knows only ``torch_dtype`` and ignores ``dtype`` with a warning: cast instead.
+    if any(getattr(m, "dtype", torch_dtype) != torch_dtype for m in pipe.components.values()
+           if isinstance(m, torch.nn.Module)):
+        pipe.to(dtype=torch_dtype)
     pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -171,16 +187,30 @@ class SampleConfig:
         for name in ("steps", "batch_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+        check_image_size(self.height, self.width)
+        for spec in self.lora:
+            _parse_lora(spec)
 
 
 def _parse_lora(spec: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:SCALE`` -> (file, scale); a path that exists as written is never split.
+
+    When FILE exists but SCALE is not a finite number the scale is named as the problem (not the
+    file, which exists).
+    """
     path, sep, scale = spec.rpartition(":")
-    if sep and path and not Path(spec).exists():
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return spec, 1.0
+    if not sep or not path or Path(spec).exists():
+        return spec, 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        if Path(path).exists():
+            raise UserError(f"--lora '{spec}': the scale '{scale}' is not a number; write FILE:SCALE, "
+                            f"e.g. {path}:0.8") from None
+        return spec, 1.0
+    if not math.isfinite(value):
+        raise UserError(f"--lora '{spec}': the scale must be a finite number, got '{scale}'; e.g. {path}:0.8")
+    return path, value
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -188,7 +218,7 @@ def read_prompts(path: str | Path) -> list[str]:
     pf = Path(path)
     if not pf.is_file():
         raise UserError(f"prompts file '{pf}' does not exist; pass a text file with one prompt per line")
-    prompts = [line.strip() for line in pf.read_text(encoding="utf-8").splitlines()]
+    prompts = [line.strip() for line in read_text(pf, "prompts file").splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise UserError(f"prompts file '{pf}' is empty; write one prompt per line")
@@ -200,10 +230,26 @@ def _absolute_if_local(path: str) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else path
 
 
+def _is_sample_folder(out: Path) -> bool:
+    """Whether ``out`` holds a manifest written by difflora sample (its images and grid are then ours)."""
+    try:
+        data = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("settings"), dict) and isinstance(data.get("images"), list)
+
+
+# What a sampling job writes into --out; the manifest says they are difflora's, so no record is kept.
+OUTPUTS = Outputs("sample", ("grid.png", "manifest.json"), patterns=(r"p\d+-s-?\d+\.png",),
+                  recognise=_is_sample_folder, record=False)
+
+
+@output_job
 def sample(cfg: SampleConfig) -> Path:
     """Run a sampling job; return the output folder (images, grid.png, manifest.json)."""
     if not cfg.model:
         raise UserError("missing --model; give a hub id or a diffusers folder")
+    check_device(cfg.device)
     prompts = list(cfg.prompt) + (read_prompts(cfg.prompts) if cfg.prompts else [])
     if not prompts:
         raise UserError("no prompt given; use --prompt TEXT (repeatable) or --prompts FILE")
@@ -212,9 +258,10 @@ def sample(cfg: SampleConfig) -> Path:
         if not Path(path).exists():
             raise UserError(f"LoRA file '{path}' does not exist; check --lora FILE[:SCALE]")
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' is a file; choose a folder path")
-    # Everything that can fail on the user's input happens before anything is written.
+    names = [f"p{i:02d}-s{seed}.png" for i in range(len(prompts)) for seed in cfg.seeds]
+    # Everything that can fail on the user's input happens before anything is written; a rerun
+    # replaces the files of an earlier sampling, never a file of the user's.
+    prepare_output_dir(out, OUTPUTS.with_names(*names), overwrite=False, clear=False, what="--out")
     pipe = load_pipeline(cfg.model, cfg.dtype, cfg.device, cfg.scheduler)
     if loras:
         from difflora.lora_io import apply_loras
@@ -222,29 +269,20 @@ def sample(cfg: SampleConfig) -> Path:
         apply_loras(pipe, loras)
     rows = generate(pipe, prompts, cfg.seeds, steps=cfg.steps, guidance=cfg.guidance, negative_prompt=cfg.negative,
                     height=cfg.height, width=cfg.width, batch_size=cfg.batch_size)
-    out.mkdir(parents=True, exist_ok=True)
     images = []
     for i, row in enumerate(rows):
         for j, image in enumerate(row):
             name = f"p{i:02d}-s{cfg.seeds[j]}.png"
-            _atomic_save(image, out / name)
+            atomic_save_image(image, out / name)
             images.append({"file": name, "prompt": prompts[i], "seed": cfg.seeds[j]})
-    _atomic_save(make_grid(rows, prompts, [f"seed {s}" for s in cfg.seeds]), out / "grid.png")
+    atomic_save_image(make_grid(rows, prompts, [f"seed {s}" for s in cfg.seeds]), out / "grid.png")
     settings = config_to_dict(cfg) | {
         "model": _absolute_if_local(cfg.model),
         "lora": [f"{_absolute_if_local(p)}:{w:g}" for p, w in loras],
         "prompt": prompts, "prompts": None, "manifest": None,
     }
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps({"settings": settings, "images": images}, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "manifest.json")
+    atomic_write_text(out / "manifest.json", json.dumps({"settings": settings, "images": images}, indent=2) + "\n")
     return out
-
-
-def _atomic_save(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    image.save(tmp)
-    os.replace(tmp, path)
 
 
 def config_from_manifest(manifest: str | Path, overrides: SampleConfig | None = None) -> SampleConfig:
@@ -253,19 +291,24 @@ def config_from_manifest(manifest: str | Path, overrides: SampleConfig | None = 
     if not mf.is_file():
         raise UserError(f"manifest '{mf}' does not exist; pass the manifest.json written by difflora sample")
     try:
-        settings = json.loads(mf.read_text(encoding="utf-8"))["settings"]
-        cfg = SampleConfig(**settings)
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise UserError(f"'{mf}' is not a difflora sample manifest ({type(err).__name__}); "
-                        "pass the manifest.json written by difflora sample") from None
+        data = json.loads(read_text(mf, "manifest"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"'{mf}' is not valid JSON ({err.msg}, line {err.lineno}); pass the manifest.json "
+                        "written by difflora sample") from None
+    settings = data.get("settings") if isinstance(data, dict) else None
+    if not isinstance(settings, dict):
+        raise UserError(f"'{mf}' is not a difflora sample manifest (no 'settings' mapping); "
+                        "pass the manifest.json written by difflora sample")
+    # The manifest's values are held to the same types and checks as flags; flags given win.
+    settings = dict(settings)
     if overrides is not None:
         defaults = SampleConfig()
         for f in fields(SampleConfig):
             value = getattr(overrides, f.name)
-            if f.name != "manifest" and value != getattr(defaults, f.name):
-                setattr(cfg, f.name, value)
-    cfg.validate()
-    return cfg
+            if value != getattr(defaults, f.name):
+                settings[f.name] = value
+    settings["manifest"] = None
+    return config_from_mapping(SampleConfig, settings, source=str(mf))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,8 +29,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from difflora.config import _coerce, config_to_dict, parse_config
+from difflora.config import _coerce, check_device, check_image_size, config_to_dict, parse_config
 from difflora.errors import UserError
+from difflora.output_dir import Outputs, output_job, prepare_output_dir
 
 ROW_FILE = "sweep_row.json"
 GRID_KEYS = ("optimizer", "learning_rate", "seed", "output_dir")
@@ -103,6 +104,9 @@ def eval_settings(cfg: SweepConfig) -> SweepEval:
         raise UserError("eval needs prompts (a list of templates with {}) or prompts_file")
     if not ev.seeds or ev.steps <= 0:
         raise UserError("eval.seeds must not be empty and eval.steps must be positive")
+    if ev.batch_size <= 0:
+        raise UserError(f"eval.batch_size must be positive, got {ev.batch_size}")
+    check_image_size(ev.resolution, ev.resolution, ("eval.resolution", "eval.resolution"))
     return ev
 
 
@@ -313,6 +317,12 @@ def _write_results(out: Path, rows: list[dict], metrics: list[str], plots: bool 
         plot_metric(rows, "final_loss", out / "plot_final_loss.png", "final training loss")
 
 
+# What a sweep writes at the top of output_dir besides one folder per run (named by run_name).
+OUTPUTS = Outputs("sweep", ("results.csv", "summary.md"), patterns=(r"plot_\w+\.png",),
+                  recognise=lambda out: (out / "results.csv").is_file())
+
+
+@output_job
 def sweep(cfg: SweepConfig) -> list[dict]:
     """Run (or finish) the sweep; return one row per run in grid order."""
     from difflora.data import find_images
@@ -320,6 +330,7 @@ def sweep(cfg: SweepConfig) -> list[dict]:
     from difflora.train.dreambooth import DreamBoothConfig
 
     ev = eval_settings(cfg)
+    check_device(ev.device, "eval.device")
     templates = prompt_templates(ev)
     grid = [(o, lr, s) for o in cfg.optimizers for lr in cfg.learning_rates for s in cfg.seeds]
     out = Path(cfg.output_dir)
@@ -333,7 +344,9 @@ def sweep(cfg: SweepConfig) -> list[dict]:
                                output_dir=str(out / run_name(opt, lr, seed)), **extra)
         configs[(opt, lr, seed)] = parse_config(DreamBoothConfig, argv, prog="difflora sweep (base)")
     find_images(next(iter(configs.values())).instance_data_dir, "instance")
-    out.mkdir(parents=True, exist_ok=True)
+    # Locked: two sweeps finishing the same runs would each train them and mix their rows.
+    prepare_output_dir(out, OUTPUTS.with_names(*(run_name(*k) for k in grid)), overwrite=False, clear=False,
+                       lock=True)
     metrics = ["clip_i", "clip_t"] + (["dino"] if ev.dino_model else [])
 
     rows: list[dict] = []

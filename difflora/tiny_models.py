@@ -18,6 +18,7 @@ import torch
 
 from difflora.config import parse_config
 from difflora.errors import UserError
+from difflora.output_dir import Outputs, output_job, prepare_output_dir
 
 # Words the tiny tokenizer encodes as single tokens; anything else falls back to characters.
 _WORDS = (
@@ -237,26 +238,35 @@ def make_tiny_model(
     return directory
 
 
+# What make-tiny-model writes: what --overwrite replaces, and nothing else.
+OUTPUTS = Outputs("make-tiny-model", ("model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer",
+                                      "tokenizer_2", "scheduler", "feature_extractor", "safety_checker",
+                                      "image_encoder", "clip", "dino"),
+                  recognise=lambda out: (out / "model_index.json").is_file() and (out / "clip").is_dir()
+                  and (out / "dino").is_dir())
+
+
 @dataclass
 class TinyModelConfig:
     """Write a tiny offline Stable Diffusion folder (diffusers layout) plus tiny CLIP and DINO."""
 
-    output_dir: str = field(metadata={"help": "folder to write; must be empty or absent"})
+    output_dir: str = field(metadata={"help": "folder to write; must be empty or absent unless --overwrite"})
     sdxl: bool = field(default=False, metadata={"help": "write the SDXL variant (two text encoders)"})
     seed: int = field(default=0, metadata={"help": "weights seed; the same seed gives the same weights"})
     prediction_type: Literal["epsilon", "v_prediction"] = field(
         default="epsilon", metadata={"help": "what the UNet predicts (SD2-style models use v_prediction)"}
     )
     resolution: int = field(default=32, metadata={"help": "image size in pixels (multiple of 8)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "write into a non-empty output_dir, replacing an earlier tiny model (other files are kept)"})
 
 
+@output_job
 def main(argv: list[str] | None = None) -> None:
     # A positional folder is accepted for convenience: `difflora make-tiny-model [--sdxl] DIR`.
     cfg = parse_config(TinyModelConfig, argv, prog="difflora make-tiny-model", positional="output_dir")
     out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise UserError(f"'{out}' is not empty; choose another folder or pass --overwrite")
+    prepare_output_dir(out, OUTPUTS, overwrite=cfg.overwrite, empty_unless_overwrite=True)
     make_tiny_model(out, sdxl=cfg.sdxl, seed=cfg.seed, prediction_type=cfg.prediction_type,
                     resolution=cfg.resolution)
     print(f"wrote tiny {'SDXL' if cfg.sdxl else 'SD'} model to {out}")

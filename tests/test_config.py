@@ -32,7 +32,7 @@ def test_cli_forms_and_precedence(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--name", "x", "--stepz", "3"], "unknown option 'stepz'; valid options: flag, lr, maybe"),
+        (["--name", "x", "--stepz", "3"], "unknown option 'stepz'; did you mean --steps? valid options: flag, lr, maybe"),
         (["--name", "x", "--steps", "3.5"], "expects an integer"),
         (["--name", "x", "--flag=maybe"], "expects true or false"),
         (["--name", "x", "--flag", "maybe"], "unexpected argument 'maybe'"),
@@ -73,3 +73,20 @@ def test_yaml_unknown_key_refused(tmp_path):
     f.write_text("name: a\nlearning_rat: 1\n")
     with pytest.raises(UserError, match="unknown option 'learning_rat'"):
         parse_config(Job, ["--config", str(f)])
+
+
+def test_mistyped_option_gets_a_suggestion():
+    with pytest.raises(UserError, match=r"unknown option 'flg'; did you mean --flag\?"):
+        parse_config(Job, ["--name", "x", "--flg"])
+
+
+def test_help_groups_options_by_the_group_that_declares_them():
+    from difflora.config import format_help
+    from difflora.train.dreambooth import DreamBoothConfig
+
+    text = format_help(DreamBoothConfig, "difflora dreambooth")
+    titles = [line for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert titles[:3] == ["Model:", "Data:", "LoRA:"] and "DreamBooth options:" in titles
+    section = text.split("Optimizer:")[1].split("\n\n")[0]
+    assert "--adam_beta1 float (default: 0.9)" in section and "--learning_rate" not in section
+    assert "--mixed_precision {no,fp16,bf16}" in text

@@ -4,15 +4,25 @@ A concept is a few words (``<robot1>+<robot2>``). Each word gets one new token p
 cross-attention layer ("layer-wise embeddings"): the prompt is encoded once per layer with that
 layer's tokens, the L encodings travel to the UNet side by side along the token axis, and
 :class:`LayerwiseAttnProcessor` hands each ``attn2`` its own slice. The number of layers is counted
-from the model, so any SD 1.x / 2.x layout works.
+from the model, so any SD 1.x / 2.x or SDXL layout works.
+
+SDXL has two text encoders: every word gets its layer tokens in both tokenizers, with its own
+embedding rows in each encoder (their widths differ). Layer ``l``'s text is the family's usual
+encoding of the layer-``l`` prompt (both encoders' penultimate states, concatenated). The pooled
+embedding (second encoder, time-embedding path) is the *mean* of the L layers' pooled outputs:
+it conditions the whole UNet rather than one cross-attention layer, so no single layer's tokens
+have a claim on it; the mean treats every layer's tokens alike and does not depend on the layer
+order, and for a prompt without concept words it is the plain pooled output. It costs
+nothing extra, as all L prompt variants go through the second encoder for the token states anyway.
 
 Trained: the concept's embedding rows (a separate small parameter, so no other row of the
-embedding matrix can move), LoRA on the text encoder's and UNet's attention, each with its own
+embedding matrix can move), LoRA on the text encoders' and UNet's attention, each with its own
 learning rate. The embeddings freeze once their mean norm reaches ``embedding_freeze_norm``
 (Mix-of-Show's guard against tokens that drown the rest of the prompt).
 
-Images, checkpoints, outputs, loss and samples use the same code as the DreamBooth trainer
-(:mod:`difflora.data`, :mod:`difflora.train`). The result is one file, ``edlora.safetensors``:
+Training runs on the shared engine (:mod:`difflora.train.engine`), as DreamBooth does: mixed
+precision, accumulation, DDP, latent cache, checkpoints and bit-exact resume, the NaN and output-folder
+rules. :class:`EDLoRAJob` adds only what is ED-LoRA's. The result is one file, ``edlora.safetensors``:
 per-layer embeddings, LoRA weights in diffusers key style, and metadata (words, tokens, layers,
 base model, rank, alpha); ``difflora fuse`` takes it directly.
 """
@@ -21,99 +31,64 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from difflora.config import config_to_dict, parse_config
 from difflora.errors import UserError
-from difflora.optim import OPTIMIZER_NAMES, build_optimizer
+from difflora.families import Conditioning, ModelFamily, family_named, family_of_pipeline
+from difflora.models import BaseModel
+from difflora.output_dir import CHECKPOINT_PATTERN, Outputs, output_job, safetensors_metadata
+from difflora.train.engine import Callback, Stream, Trainer, TrainingJob
+from difflora.train.options import TrainingOptions, option
 
 logger = logging.getLogger(__name__)
 
 EDLORA_FILE = "edlora.safetensors"
 META_KEY = "edlora"  # header key with the concept's words, tokens, layers, base model, rank, alpha
-EMBEDDING_PREFIX = "edlora_embeddings."  # tensor key per word: (layers, width)
+EMBEDDING_PREFIX = "edlora_embeddings."  # tensor key per word: (layers, width), first text encoder
+POOLED_RULE = "layer_mean"  # how the pooled text embedding is made from the layer-wise prompts (SDXL)
 _WORD = re.compile(r"^<[A-Za-z0-9_\-]+>$")
+# Everything a run writes at the top of output_dir: what --overwrite replaces, and nothing else.
+OUTPUTS = Outputs("edlora", (EDLORA_FILE, "samples", "loss.png", "metrics.json"), patterns=(CHECKPOINT_PATTERN,),
+                  marker=EDLORA_FILE, recognise=lambda out: META_KEY in safetensors_metadata(out / EDLORA_FILE))
 
 
-def _h(text: str, default=None, **kw):
-    return field(default=default, metadata={"help": text}, **kw)
-
-
-@dataclass
-class EDLoRAConfig:
+@dataclass(kw_only=True)
+class EDLoRAConfig(TrainingOptions):
     """Train one ED-LoRA concept (layer-wise embeddings + LoRA) for Mix-of-Show fusion."""
 
-    # Model
-    pretrained_model_name_or_path: str = field(metadata={"help": "base model: hub id or local diffusers folder"})
-    revision: str | None = _h("model revision on the hub")
-    variant: str | None = _h("weights variant, e.g. fp16")
     # Concept
-    concept_words: str = _h("the concept's new words, '+'-separated, e.g. '<robot1>+<robot2>'", "<concept1>+<concept2>")
-    initializer: str = _h("per word 'rand' (N(0, init_std^2)) or a class word to start from, e.g. 'rand+robot'",
-                          "rand+object")
-    init_std: float = _h("standard deviation of 'rand' initial embeddings", 0.013)
+    concept_words: str = option("the concept's new words, '+'-separated, e.g. '<robot1>+<robot2>'",
+                                "<concept1>+<concept2>")
+    initializer: str = option("per word 'rand' (N(0, init_std^2)) or a class word to start from, e.g. 'rand+robot'",
+                              "rand+object")
+    init_std: float = option("standard deviation of 'rand' initial embeddings", 0.013)
     # Data
-    instance_data_dir: str | None = _h("folder with the concept's images")
-    instance_prompt: str = _h("prompt for images without a caption; <TOK> becomes the concept words",
-                              "a photo of <TOK>")
-    captions: bool = _h("read each image's caption from name.txt (beside it, or in caption_dir)", True)
-    caption_dir: str | None = _h("folder of name.txt captions (default: beside the images)")
-    caption_placeholder: str = _h("text in captions replaced by the concept words", "<TOK>")
-    mask_dir: str | None = _h("folder of name.png subject masks (white = subject) that weight the loss")
-    resolution: int = _h("training image size in pixels (multiple of 8)", 512)
-    center_crop: bool = _h("center-crop instead of random crops", False)
-    random_flip: bool = _h("flip images horizontally at random", False)
-    # LoRA
-    rank: int = _h("LoRA rank r (text-encoder and UNet attention)", 4)
-    lora_alpha: float | None = _h("LoRA alpha (scale alpha/r); default: equal to rank", None)
-    # Optimisation
-    optimizer: str = _h(f"one of {', '.join(OPTIMIZER_NAMES)}", "scaled_adamw")
-    optimizer_reg: float | None = _h("damping reg of the scaled optimizers; default: library's")
-    embedding_lr: float = _h("learning rate of the concept's token embeddings", 1e-3)
-    text_encoder_lr: float = _h("text-encoder LoRA learning rate", 1e-5)
-    unet_lr: float = _h("UNet LoRA learning rate", 1e-4)
-    embedding_freeze_norm: float = _h("freeze the embeddings once their mean norm reaches this (0 disables)", 0.55)
-    scale_lr: bool = _h("multiply learning rates by batch size x accumulation", False)
-    adam_beta1: float = _h("AdamW beta1", 0.9)
-    adam_beta2: float = _h("AdamW beta2", 0.999)
-    adam_weight_decay: float = _h("decoupled weight decay", 1e-2)
-    adam_epsilon: float = _h("AdamW epsilon", 1e-8)
-    sgd_momentum: float = _h("momentum of sgd / scaled_sgd", 0.0)
-    lr_scheduler: str = _h("diffusers schedule: constant, constant_with_warmup, linear, cosine, ...", "constant")
-    lr_warmup_steps: int = _h("warm-up steps of the LR schedule", 0)
-    max_grad_norm: float = _h("gradient clipping norm (0 disables)", 1.0)
-    snr_gamma: float | None = _h("Min-SNR weighting gamma; off by default")
-    noise_offset: float = _h("noise offset (Mix-of-Show uses 0.01)", 0.01)
-    # Schedule
-    train_batch_size: int = _h("images per micro-step", 2)
-    gradient_accumulation_steps: int = _h("micro-steps per optimizer step", 1)
-    max_train_steps: int | None = _h("optimizer steps; overrides num_train_epochs")
-    num_train_epochs: int = _h("epochs over the images when max_train_steps is not set", 1)
-    seed: int = _h("seed of every random draw", 0)
-    device: str | None = _h("torch device (default: cuda if available, else cpu)")
-    # Checkpoints and outputs
-    output_dir: str = _h("where edlora.safetensors, samples and checkpoints go", "edlora-concept")
-    overwrite: bool = _h("replace a finished run in output_dir (other files are kept)", False)
-    checkpointing_steps: int = _h("save a resumable checkpoint every N steps", 500)
-    checkpoints_total_limit: int | None = _h("keep at most this many checkpoints")
-    resume_from_checkpoint: str | None = _h("'latest' or a checkpoint-N folder to continue from")
-    # Validation
-    validation_prompt: str | None = _h("prompt(s) for sample grids, '|'-separated, <TOK> = the concept words; "
-                                       "default: instance_prompt")
-    num_validation_images: int = _h("seeds per validation prompt (0 turns sample grids off)", 4)
-    validation_steps: int | None = _h("sample a grid every N steps (and always at the start and end)")
-    validation_inference_steps: int = _h("sampler steps of validation grids", 25)
-    validation_guidance: float = _h("classifier-free guidance of validation grids", 7.5)
+    instance_prompt: str = option("prompt for images without a caption; <TOK> becomes the concept words",
+                                  "a photo of <TOK>")
+    captions: bool = option("read each image's caption from name.txt (beside it, or in caption_dir)", True)
+    caption_dir: str | None = option("folder of name.txt captions (default: beside the images)")
+    caption_placeholder: str = option("text in captions replaced by the concept words", "<TOK>")
+    # Learning rates: three groups
+    embedding_lr: float = option("learning rate of the concept's token embeddings", 1e-3)
+    text_encoder_lr: float = option("text-encoder LoRA learning rate", 1e-5)
+    unet_lr: float = option("UNet LoRA learning rate", 1e-4)
+    embedding_freeze_norm: float = option("freeze the embeddings once their mean norm reaches this (0 disables); "
+                                          "SDXL's second encoder: the same multiple of its table's mean row norm",
+                                          0.55)
+    # Defaults that differ from DreamBooth's (Mix-of-Show's settings)
+    noise_offset: float = option("noise offset (Mix-of-Show uses 0.01)", 0.01)
+    train_batch_size: int = option("images per process per micro-step", 2)
+    device: str | None = option("torch device (default: cuda if available, else cpu)")
+    output_dir: str = option("where edlora.safetensors, samples and checkpoints go", "edlora-concept")
+    validation_prompt: str | None = option("prompt(s) for sample grids, '|'-separated, <TOK> = the concept words; "
+                                           "default: instance_prompt")
 
     @property
     def words(self) -> list[str]:
@@ -124,26 +99,11 @@ class EDLoRAConfig:
         return [w.strip() for w in self.initializer.split("+")]
 
     def validate(self) -> None:
-        if not self.instance_data_dir:
-            raise UserError("missing --instance_data_dir; point it at the folder of your concept's images")
+        self.validate_shared()
         words = self.words
         if len(self.initializers) != len(words) or not all(self.initializers):
             raise UserError(f"--initializer needs one entry per concept word ({len(words)}), e.g. 'rand+dog'; "
                             f"got {self.initializer!r}")
-        if self.rank <= 0:
-            raise UserError(f"--rank must be a positive integer, got {self.rank}")
-        if self.resolution <= 0 or self.resolution % 8:
-            raise UserError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
-        for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
-        if self.max_train_steps is not None and self.max_train_steps <= 0:
-            raise UserError(f"--max_train_steps must be positive, got {self.max_train_steps}")
-        for name in ("embedding_lr", "text_encoder_lr", "unet_lr"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if self.optimizer not in OPTIMIZER_NAMES:
-            raise UserError(f"unknown --optimizer '{self.optimizer}'; valid: {', '.join(OPTIMIZER_NAMES)}")
         if self.caption_placeholder not in self.instance_prompt:
             raise UserError(f"--instance_prompt must contain {self.caption_placeholder!r} where the concept words "
                             "go, e.g. 'a photo of <TOK>'")
@@ -204,25 +164,36 @@ def is_layerwise(tokens: dict[str, list[str]]) -> bool:
     return any(len(t) > 1 for t in tokens.values())
 
 
-def encode_layerwise(tokenizer, text_encoder, prompts: list[str], tokens: dict[str, list[str]],
-                     num_layers: int) -> torch.Tensor:
-    """(B, L*T, D): each prompt encoded once per layer with that layer's tokens, side by side.
+def layerwise_conditioning(family: ModelFamily, tokenizers: list[Any], text_encoders: list[Any],
+                           prompts: list[str], tokens: dict[str, list[str]], num_layers: int,
+                           device: Any = None) -> Conditioning:
+    """Each prompt encoded once per layer with that layer's tokens, by the family's own recipe.
 
-    Prompts without layer-wise words are encoded once and repeated (same numbers, less work).
+    Hidden states ``(B, L*T, D)``: the L encodings side by side. Pooled ``(B, D2)`` (families that
+    have one): the mean of the L pooled outputs (module docstring). Prompts without layer-wise words
+    are encoded once and repeated, so their hidden and pooled outputs are exactly the plain ones.
     """
-    device = text_encoder.device
+    device = device if device is not None else text_encoders[0].device  # a DDP wrapper has no .device
     per_layer = [[expand_prompt(p, tokens, layer) for layer in range(num_layers)] for p in prompts]
     flat = [v for variants in per_layer for v in dict.fromkeys(variants)]
-    ids = tokenizer(flat, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-    states = text_encoder(ids)[0]
-    out, i = [], 0
+    enc = family.encode_prompts(tokenizers, text_encoders, flat, device)
+    states, pooled, i = [], [], 0
     for variants in per_layer:
         unique = list(dict.fromkeys(variants))
         index = {v: i + k for k, v in enumerate(unique)}
-        out.append(torch.cat([states[index[v]] for v in variants], dim=0))
+        states.append(torch.cat([enc.hidden_states[index[v]] for v in variants], dim=0))
+        if enc.pooled is not None:
+            pooled.append(enc.pooled[i] if len(unique) == 1
+                          else torch.stack([enc.pooled[index[v]] for v in variants]).mean(0))
         i += len(unique)
-    return torch.stack(out)
+    return Conditioning(torch.stack(states), torch.stack(pooled) if pooled else None)
+
+
+def encode_layerwise(tokenizer, text_encoder, prompts: list[str], tokens: dict[str, list[str]],
+                     num_layers: int, device: Any = None) -> torch.Tensor:
+    """(B, L*T, D) with one text encoder (SD 1.x / 2.x): see :func:`layerwise_conditioning`."""
+    return layerwise_conditioning(family_named("sd"), [tokenizer], [text_encoder], prompts, tokens, num_layers,
+                                  device).hidden_states
 
 
 class LayerwiseAttnProcessor:
@@ -254,29 +225,37 @@ def install_layerwise(unet: nn.Module, seq_len: int) -> dict[str, Any]:
 
 
 class LayerwisePipeline:
-    """A Stable Diffusion pipeline that understands layer-wise concept words in prompt strings.
+    """A Stable Diffusion (SD 1.x / 2.x or SDXL) pipeline that understands layer-wise concept words.
 
     ``pipe(prompts, negative_prompt=..., ...)`` encodes per layer and calls the wrapped pipeline
-    with ``prompt_embeds``; everything else (``device``, ``unet``...) is the wrapped pipeline's.
-    Install :func:`install_layerwise` on its UNet first.
+    with ``prompt_embeds`` (and SDXL's pooled embeddings); everything else (``device``, ``unet``...)
+    is the wrapped pipeline's. Without a negative prompt it conditions as the stock pipeline does
+    (SDXL: zeros). Install :func:`install_layerwise` on its UNet first.
     """
 
-    def __init__(self, pipe: Any, tokens: dict[str, list[str]], num_layers: int):
+    def __init__(self, pipe: Any, tokens: dict[str, list[str]], num_layers: int, family: ModelFamily | None = None):
         self.pipe, self.tokens, self.num_layers = pipe, tokens, num_layers
+        self.family = family if family is not None else family_of_pipeline(pipe)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipe, name)
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        return encode_layerwise(self.pipe.tokenizer, self.pipe.text_encoder, prompts, self.tokens, self.num_layers)
+    def encode(self, prompts: list[str]) -> Conditioning:
+        return layerwise_conditioning(self.family, self.family.tokenizers_of(self.pipe),
+                                      self.family.text_encoders_of(self.pipe), prompts, self.tokens, self.num_layers)
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, **kwargs):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = negative_prompt if negative_prompt is not None else ""
-        negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
         with torch.no_grad():
-            embeds, negative_embeds = self.encode(prompts), self.encode(negatives)
-        return self.pipe(prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, **kwargs)
+            cond = self.encode(prompts)
+            if negative_prompt is None and self.family.zeros_for_empty_negative(self.pipe):
+                negative = Conditioning(torch.zeros_like(cond.hidden_states),
+                                        None if cond.pooled is None else torch.zeros_like(cond.pooled))
+            else:
+                negatives = negative_prompt if negative_prompt is not None else ""
+                negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+                negative = self.encode(negatives)
+        return self.pipe(**self.family.pipeline_embeds(cond, negative), **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,33 +324,59 @@ def add_concept_tokens(tokenizer, text_encoder, words: list[str], initializers: 
 # ------------------------------------------------------------------------------------------------
 
 
+def embedding_prefix(encoder: int) -> str:
+    """Tensor-key prefix of the ``encoder``-th text encoder's rows: ``edlora_embeddings.`` for the
+    first (as in SD files), ``edlora_embeddings_2.`` for ``text_encoder_2`` and so on."""
+    return EMBEDDING_PREFIX if encoder == 0 else f"edlora_embeddings_{encoder + 1}."
+
+
 @dataclass
 class EDLoRAFile:
     """The content of ``edlora.safetensors``."""
 
     words: list[str]
     tokens: dict[str, list[str]]
-    embeddings: dict[str, torch.Tensor]  # word -> (layers, width)
+    embeddings: dict[str, torch.Tensor]  # word -> (layers, width), first text encoder
     lora: dict[str, torch.Tensor]  # diffusers-style keys (unet./text_encoder. ... lora_A/lora_B.weight)
     layers: list[str]  # cross-attention module names, in token order
     metadata: dict[str, Any]  # base_model, rank, alpha, ... and the lora_adapter_metadata header
+    # The other text encoders' rows (SDXL: text_encoder_2), in the order of ``text_encoders``.
+    extra_embeddings: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def text_encoders(self) -> list[str]:
+        """Component names of the text encoders the file holds rows for (SD files: one)."""
+        return list(self.metadata.get("text_encoders", ["text_encoder"]))
+
+    @property
+    def all_embeddings(self) -> list[dict[str, torch.Tensor]]:
+        """word -> (layers, width), one mapping per text encoder."""
+        return [self.embeddings, *self.extra_embeddings]
 
 
 def save_edlora(path: Path, words: list[str], tokens: dict[str, list[str]], embeddings: dict[str, torch.Tensor],
-                unet: nn.Module, text_encoder: nn.Module, layers: list[str], info: dict[str, Any]) -> Path:
-    """Write the concept file atomically: embeddings, LoRA (diffusers keys + scales) and metadata."""
+                unet: nn.Module, text_encoder: nn.Module, layers: list[str], info: dict[str, Any],
+                extra_encoders: list[tuple[nn.Module, dict[str, torch.Tensor]]] = ()) -> Path:
+    """Write the concept file atomically: embeddings, LoRA (diffusers keys + scales) and metadata.
+
+    ``extra_encoders`` are the further text encoders (SDXL's ``text_encoder_2``) with their rows;
+    their LoRA keys start ``text_encoder_2.`` and their rows ``edlora_embeddings_2.``.
+    """
     from difflora.lora_io import ADAPTER_METADATA_KEY, _adapter_config, _atomic_save, collect_lora_layers
 
-    tensors: dict[str, torch.Tensor] = {f"{EMBEDDING_PREFIX}{w}": embeddings[w].float() for w in words}
+    encoders = [(text_encoder, embeddings), *extra_encoders]
+    components = ["text_encoder"] + [f"text_encoder_{i + 1}" for i in range(1, len(encoders))]
+    tensors: dict[str, torch.Tensor] = {f"{embedding_prefix(i)}{w}": rows[w].float()
+                                        for i, (_, rows) in enumerate(encoders) for w in words}
     adapter: dict[str, Any] = {}
-    for component, model in (("unet", unet), ("text_encoder", text_encoder)):
+    for component, model in (("unet", unet), *((c, e) for c, (e, _) in zip(components, encoders))):
         part = collect_lora_layers(model, component)
         for key, layer in part.items():
             tensors[f"{key}.lora_A.weight"] = layer.down
             tensors[f"{key}.lora_B.weight"] = layer.up
         if part:
             adapter.update({f"{component}.{k}": v for k, v in _adapter_config(part, component).items()})
-    meta = {"concept_words": words, "tokens": tokens, "layers": layers, **info}
+    meta = {"concept_words": words, "tokens": tokens, "layers": layers, "text_encoders": components, **info}
     _atomic_save(tensors, path, {"format": "pt", META_KEY: json.dumps(meta),
                                  ADAPTER_METADATA_KEY: json.dumps(adapter, sort_keys=True),
                                  "difflora_base_model": str(info.get("base_model", ""))})
@@ -394,7 +399,7 @@ def is_edlora_file(path: str | Path) -> bool:
 
 
 def load_edlora(path: str | Path) -> EDLoRAFile:
-    """Read a concept file written by :func:`save_edlora`."""
+    """Read a concept file written by :func:`save_edlora` (files without ``text_encoders``: SD, one)."""
     from safetensors import safe_open
 
     p = Path(path)
@@ -404,34 +409,43 @@ def load_edlora(path: str | Path) -> EDLoRAFile:
             header = dict(f.metadata() or {})
             state = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads(header[META_KEY])
+        words = [str(w) for w in meta["concept_words"]]
+        tokens = {str(w): [str(x) for x in t] for w, t in meta["tokens"].items()}
+        layers = [str(x) for x in meta["layers"]]
+        components = [str(c) for c in meta.get("text_encoders", ["text_encoder"])]
     except Exception as err:  # noqa: BLE001
         raise UserError(f"cannot read ED-LoRA file '{p}' ({type(err).__name__}); re-train or re-copy it") from None
-    words = list(meta["concept_words"])
-    embeddings = {w: state.pop(f"{EMBEDDING_PREFIX}{w}") for w in words}
+    tables = []
+    for i, component in enumerate(components):
+        missing = [w for w in words if f"{embedding_prefix(i)}{w}" not in state]
+        if missing:
+            raise UserError(f"ED-LoRA file '{p}' has no {component} embeddings for {missing[0]}; re-train or "
+                            "re-copy it")
+        tables.append({w: state.pop(f"{embedding_prefix(i)}{w}") for w in words})
     header_meta = {k: v for k, v in header.items() if k != META_KEY}
-    return EDLoRAFile(words=words, tokens={w: list(t) for w, t in meta["tokens"].items()}, embeddings=embeddings,
-                      lora=state, layers=list(meta["layers"]), metadata={**meta, "header": header_meta})
+    return EDLoRAFile(words=words, tokens=tokens, embeddings=tables[0], lora=state, layers=layers,
+                      metadata={**meta, "header": header_meta}, extra_embeddings=tables[1:])
 
 
-def check_base_model(concept: EDLoRAFile, unet: nn.Module, text_encoder: nn.Module, source: str) -> None:
-    """Refuse a concept file made for another base model (different layers or text width)."""
+def check_base_model(concept: EDLoRAFile, unet: nn.Module, text_encoders: nn.Module | list[nn.Module],
+                     source: str) -> None:
+    """Refuse a concept file made for another base model (layers, text encoders or their widths)."""
+    encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
     layers = cross_attention_layers(unet)
-    width = text_encoder.get_input_embeddings().weight.shape[1]
-    emb = next(iter(concept.embeddings.values()))
-    if concept.layers != layers or emb.shape != (len(layers), width):
+    widths = [int(e.get_input_embeddings().weight.shape[1]) for e in encoders]
+    shapes = [tuple(next(iter(t.values())).shape) for t in concept.all_embeddings]
+    if concept.layers != layers or shapes != [(len(layers), w) for w in widths]:
+        def width(ws: list[int]) -> str:
+            return f"text width{'s' if len(ws) > 1 else ''} {'+'.join(map(str, ws))}"
+
         raise UserError(f"{source} was trained on another base model ({concept.metadata.get('base_model')!r}: "
-                        f"{emb.shape[0]} cross-attention layers, text width {emb.shape[1]}; this model has "
-                        f"{len(layers)} and {width}); use a concept trained on this base model")
+                        f"{shapes[0][0]} cross-attention layers, {width([s[1] for s in shapes])}; this model has "
+                        f"{len(layers)} and {width(widths)}); use a concept trained on this base model")
 
 
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
-
-
-def latent_mask(masks: list[torch.Tensor], size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """(B, 1, h, w) pixel masks averaged down to the latent grid (a cell half covered weighs 0.5)."""
-    return F.interpolate(torch.stack(masks), size=tuple(size), mode="area")
 
 
 def _placeholder(text: str, cfg: EDLoRAConfig, source: str) -> str:
@@ -441,182 +455,178 @@ def _placeholder(text: str, cfg: EDLoRAConfig, source: str) -> str:
     return text.replace(cfg.caption_placeholder, " ".join(cfg.words))
 
 
-def train(cfg: EDLoRAConfig) -> dict[str, Any]:
-    """Train one ED-LoRA concept; return a summary (final loss, steps, output_dir, file)."""
-    from diffusers.optimization import get_scheduler
+def _text_targets(names: list[str], used: int, num_layers: int) -> list[str] | str:
+    """LoRA targets of a text encoder: ``names`` in its first ``used`` layers (all: the plain list;
+    fewer: a peft regular expression, so a layer the conditioning never reads gets no LoRA)."""
+    if used >= num_layers:
+        return names
+    layers = "|".join(str(i) for i in range(used))
+    return rf".*encoder\.layers\.({layers})\..*({'|'.join(re.escape(n) for n in names)})"
 
-    from difflora.data import load_image_set
-    from difflora.models import LORA_TARGET_PRESETS, add_lora, load_base_model
-    from difflora.train import checkpoint as ckpt
-    from difflora.train.dreambooth import _draw, _encode_images, _example_generator
-    from difflora.train.loss import diffusion_loss, target_for
-    from difflora.train.outputs import prepare_output_dir
-    from difflora.train.validation import pipeline_from, plot_loss, sample_grid, write_metrics
 
-    # ---- set-up: output folder, model, tokens, LoRA ----------------------------------------------
-    out = Path(cfg.output_dir)
-    resume = ckpt.resolve_resume(out, cfg.resume_from_checkpoint) if out.exists() else None
-    if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest" and resume is None:
-        raise UserError(f"checkpoint '{cfg.resume_from_checkpoint}' does not exist")
-    words, inits = cfg.words, cfg.initializers
-    # Data before the slow model load: a bad folder or caption fails fast.
-    images = load_image_set(cfg.instance_data_dir, cfg.instance_prompt, cfg.resolution, center_crop=cfg.center_crop,
-                            random_flip=cfg.random_flip, captions=cfg.captions, seed=cfg.seed,
-                            caption_dir=cfg.caption_dir, mask_dir=cfg.mask_dir)
-    images.prompts = [_placeholder(p, cfg, f"caption of '{path.name}'") for p, path in zip(images.prompts,
-                                                                                           images.paths)]
-    val_prompts = [_placeholder(p.strip(), cfg, "validation prompt")
-                   for p in (cfg.validation_prompt or cfg.instance_prompt).split("|") if p.strip()]
-    prepare_output_dir(out, cfg.overwrite, resuming=resume is not None, result_name=EDLORA_FILE)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+class EDLoRAJob(TrainingJob):
+    """Layer-wise concept embeddings + LoRA on the text encoder's and UNet's attention.
 
-    base = load_base_model(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
-    if base.is_sdxl:
-        raise UserError("ED-LoRA supports SD 1.x / 2.x base models; SDXL is not supported yet")
-    unet, vae, text_encoder, tokenizer = base.unet, base.vae, base.text_encoders[0], base.tokenizers[0]
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-    layers = cross_attention_layers(unet)
-    g = torch.Generator().manual_seed(cfg.seed)
-    embedding, tokens = add_concept_tokens(tokenizer, text_encoder, words, inits, len(layers), cfg.init_std, g)
-    torch.manual_seed(cfg.seed)  # LoRA A factors come from the global generator
-    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else float(cfg.rank)
-    targets = LORA_TARGET_PRESETS["attention"]
-    add_lora(unet, cfg.rank, alpha, targets["unet"])
-    add_lora(text_encoder, cfg.rank, alpha, targets["text_encoder"])
-    embedding.rows.requires_grad_(True)  # peft freezes every non-LoRA parameter it finds
-    for module in (unet, vae, text_encoder):
-        module.to(device)
-    seq_len = tokenizer.model_max_length
-    install_layerwise(unet, seq_len)
+    Three learning-rate groups (embeddings, text-encoder LoRA, UNet LoRA); the embeddings freeze
+    once their mean norm reaches ``embedding_freeze_norm``; captions name the concept with a
+    placeholder; masks weight the loss. Everything else is the shared engine's.
+    """
 
-    # ---- optimizer: three groups, three learning rates -------------------------------------------
-    scale = cfg.train_batch_size * cfg.gradient_accumulation_steps if cfg.scale_lr else 1
-    groups = [
-        {"params": [("text_encoder.concept_embeddings", embedding.rows)], "lr": cfg.embedding_lr * scale},
-        {"params": [(f"text_encoder.{n}", p) for n, p in text_encoder.named_parameters()
-                    if p.requires_grad and "lora_" in n], "lr": cfg.text_encoder_lr * scale},
-        {"params": [(f"unet.{n}", p) for n, p in unet.named_parameters() if p.requires_grad],
-         "lr": cfg.unet_lr * scale},
-    ]
-    trainable = {n: p for group in groups for n, p in group["params"]}
-    try:
-        options: dict[str, Any] = {"lr": cfg.unet_lr * scale, "weight_decay": cfg.adam_weight_decay}
-        if "sgd" in cfg.optimizer:
-            options["momentum"] = cfg.sgd_momentum
-        else:
-            options.update(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-        if cfg.optimizer.startswith("scaled_") or cfg.optimizer == "peft_riemannian":
-            options["reg"] = cfg.optimizer_reg
-        optimizer = build_optimizer(cfg.optimizer, groups, **options)
-    except (ValueError, ImportError, TypeError) as err:
-        raise UserError(f"cannot build optimizer '{cfg.optimizer}': {err}") from None
-    steps_per_epoch = math.ceil(len(images) / (cfg.train_batch_size * cfg.gradient_accumulation_steps))
-    max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=max_steps)
+    name = "edlora"
 
-    identity = {"base_model": cfg.pretrained_model_name_or_path, "rank": cfg.rank, "concept_words": words,
-                "optimizer": cfg.optimizer}
-    step, losses, frozen_at = 0, [], None
-    if resume is not None:
-        state = ckpt.load_checkpoint(resume, trainable, optimizer, lr_scheduler, identity)
-        step, losses, frozen_at = state["step"], state.get("losses", []), state.get("frozen_at")
-        if step >= max_steps:
-            raise UserError(f"checkpoint '{resume.name}' is already at step {step} >= max_train_steps "
-                            f"{max_steps}; raise --max_train_steps to train further")
-    if frozen_at is not None or (cfg.embedding_freeze_norm and embedding.mean_norm() >= cfg.embedding_freeze_norm):
-        embedding.rows.requires_grad_(False)
-        frozen_at = step if frozen_at is None else frozen_at
+    def outputs(self) -> Outputs:
+        return OUTPUTS
 
-    def forward_loss(first_k: int) -> torch.Tensor:
-        ks = [first_k + j for j in range(cfg.train_batch_size)]
-        examples = [_draw(images, k) for k in ks]
-        latents = _encode_images(vae, torch.stack([e.pixel_values for e in examples]),
-                                 [_example_generator(cfg.seed, 0, k) for k in ks])
-        gens = [_example_generator(cfg.seed, 10, k) for k in ks]
-        noise = torch.stack([torch.randn(latents.shape[1:], generator=gen) for gen in gens]).to(latents)
-        if cfg.noise_offset:
-            noise = noise + cfg.noise_offset * torch.stack(
-                [torch.randn((latents.shape[1], 1, 1), generator=gen) for gen in gens]).to(latents)
-        timesteps = torch.stack([torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (), generator=gen)
-                                 for gen in gens]).to(device)
-        noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
-        cond = encode_layerwise(tokenizer, text_encoder, [e.prompt for e in examples], tokens, len(layers))
-        pred = unet(noisy, timesteps, cond).sample
-        mask = None
-        if examples[0].mask is not None:
-            mask = latent_mask([e.mask for e in examples], latents.shape[-2:]).to(device)
-        target = target_for(base.noise_scheduler, latents, noise, timesteps)
-        return diffusion_loss(pred, target, timesteps, base.noise_scheduler, cfg.snr_gamma, mask=mask).mean()
+    def inputs(self) -> list[Any]:
+        return [*super().inputs(), self.cfg.caption_dir]
 
-    seeds = list(range(cfg.num_validation_images))
+    def load_data(self) -> list[Stream]:
+        from difflora.config import check_device
+        from difflora.data import load_image_set
 
-    def validate(at_step: int) -> None:
-        if cfg.num_validation_images <= 0:
+        cfg = self.cfg
+        check_device(cfg.device)
+        images = load_image_set(cfg.instance_data_dir, cfg.instance_prompt, cfg.resolution,
+                                center_crop=cfg.center_crop or cfg.cache_latents, random_flip=cfg.random_flip,
+                                captions=cfg.captions, seed=cfg.seed, caption_dir=cfg.caption_dir,
+                                mask_dir=cfg.mask_dir)
+        images.prompts = [_placeholder(p, cfg, f"caption of '{path.name}'")
+                          for p, path in zip(images.prompts, images.paths)]
+        self._validation_prompts = [_placeholder(p.strip(), cfg, "validation prompt")
+                                    for p in (cfg.validation_prompt or cfg.instance_prompt).split("|") if p.strip()]
+        return [Stream(images)]
+
+    def attach(self, base: BaseModel) -> None:
+        from difflora.models import LORA_TARGET_PRESETS, add_lora
+
+        cfg = self.cfg
+        self.family = base.family
+        self.components = list(base.family.text_encoder_subfolders)
+        self.tokenizers, self.encoders = list(base.tokenizers), list(base.text_encoders)
+        self.tokenizer, self.text_encoder = self.tokenizers[0], self.encoders[0]
+        self.layers = cross_attention_layers(base.unet)
+        g = torch.Generator().manual_seed(cfg.seed)  # one stream: the first encoder's draws come first
+        self.embeddings: list[ConceptEmbedding] = []
+        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
+            embedding, self.tokens = add_concept_tokens(tokenizer, encoder, cfg.words, cfg.initializers,
+                                                        len(self.layers), cfg.init_std, g)
+            self.embeddings.append(embedding)
+        self.embedding = self.embeddings[0]
+        torch.manual_seed(cfg.seed)  # LoRA A factors come from the global generator
+        self.alpha = cfg.lora_alpha if cfg.lora_alpha is not None else float(cfg.rank)
+        targets = LORA_TARGET_PRESETS["attention"]
+        add_lora(base.unet, cfg.rank, self.alpha, targets["unet"])
+        for i, encoder in enumerate(self.encoders):
+            used = base.family.text_layers_used(i, encoder.config.num_hidden_layers)
+            add_lora(encoder, cfg.rank, self.alpha, _text_targets(targets["text_encoder"], used,
+                                                                  encoder.config.num_hidden_layers))
+        for embedding in self.embeddings:
+            embedding.rows.requires_grad_(True)  # peft freezes every non-LoRA parameter it finds
+        install_layerwise(base.unet, self.tokenizer.model_max_length)
+        self.thresholds = self._freeze_thresholds()
+        self.frozen: list[int | None] = [None] * len(self.embeddings)
+        self._freeze_if_due(0)
+
+    def _freeze_thresholds(self) -> list[float]:
+        """``embedding_freeze_norm`` for the first encoder; for the others the same multiple of their
+        own table's mean row norm, because the encoders' embedding scales differ (SDXL's second table
+        is not CLIP-L's, on which the 0.55 default was set)."""
+        norm = self.cfg.embedding_freeze_norm
+        means = [float(e.base.weight[:e.start].float().norm(dim=-1).mean()) for e in self.embeddings]
+        return [norm] + [norm * m / means[0] for m in means[1:]]
+
+    @property
+    def frozen_at(self) -> int | None:
+        """The step the first encoder's rows froze (SD 1.x / 2.x: the only ones)."""
+        return self.frozen[0]
+
+    def trained_text_encoders(self) -> list[nn.Module]:
+        return list(self.encoders)
+
+    def param_groups(self, lr_scale: float) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        return [
+            {"params": [(f"{c}.concept_embeddings", e.rows) for c, e in zip(self.components, self.embeddings)],
+             "lr": cfg.embedding_lr * lr_scale},
+            {"params": [(f"{c}.{n}", p) for c, encoder in zip(self.components, self.encoders)
+                        for n, p in encoder.named_parameters() if p.requires_grad and "lora_" in n],
+             "lr": cfg.text_encoder_lr * lr_scale},
+            {"params": [(f"unet.{n}", p) for n, p in self.base.unet.named_parameters() if p.requires_grad],
+             "lr": cfg.unet_lr * lr_scale},
+        ]
+
+    def identity(self) -> dict[str, Any]:
+        return {"concept_words": self.cfg.words}
+
+    def conditioning(self, prompts: list[str], text_encoders: list[nn.Module], device: Any) -> Conditioning:
+        return layerwise_conditioning(self.family, self.tokenizers, text_encoders, prompts, self.tokens,
+                                      len(self.layers), device=device)
+
+    def _freeze_if_due(self, step: int) -> None:
+        if not self.cfg.embedding_freeze_norm:
             return
-        pipe = LayerwisePipeline(pipeline_from(base, unet, [text_encoder], base.noise_scheduler.config),
-                                 tokens, len(layers))
-        sample_grid(pipe, val_prompts, seeds, cfg.resolution, cfg.validation_inference_steps,
-                    cfg.validation_guidance, out / "samples" / f"step-{at_step}.png")
-
-    if step == 0:
-        validate(0)
-    unet.train()
-    text_encoder.train()
-    bar = tqdm(total=max_steps, initial=step, desc="edlora", unit="step")
-    t0 = time.perf_counter()
-    try:
-        while step < max_steps:
-            step_loss = 0.0
-            for micro in range(cfg.gradient_accumulation_steps):
-                first_k = (step * cfg.gradient_accumulation_steps + micro) * cfg.train_batch_size
-                loss = forward_loss(first_k)
-                if not torch.isfinite(loss):
-                    raise UserError(f"the loss became {loss.item()} at step {step + 1}; lower the learning rates")
-                (loss / cfg.gradient_accumulation_steps).backward()
-                step_loss += loss.item() / cfg.gradient_accumulation_steps
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for p in trainable.values() if p.grad is not None],
-                                               cfg.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(step_loss)
-            if frozen_at is None and cfg.embedding_freeze_norm and embedding.mean_norm() >= cfg.embedding_freeze_norm:
+        for i, (embedding, threshold) in enumerate(zip(self.embeddings, self.thresholds)):
+            if self.frozen[i] is None and embedding.mean_norm() >= threshold:
                 embedding.rows.requires_grad_(False)  # no grad -> the optimizer leaves the rows alone
-                frozen_at = step
-                logger.info("embeddings frozen at step %d (mean norm %.3f)", step, embedding.mean_norm())
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", emb_norm=f"{embedding.mean_norm():.3f}")
-            if step % cfg.checkpointing_steps == 0 and step < max_steps:
-                ckpt.save_checkpoint(out, step, {n: p.detach() for n, p in trainable.items()}, optimizer,
-                                     lr_scheduler, {**identity, "losses": losses, "frozen_at": frozen_at},
-                                     cfg.checkpoints_total_limit)
-            if cfg.validation_steps and step % cfg.validation_steps == 0 and step < max_steps:
-                validate(step)
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t0
+                self.frozen[i] = step
+                logger.info("%s embeddings frozen at step %d (mean norm %.3f)", self.components[i], step,
+                            embedding.mean_norm())
 
-    # ---- outputs ----------------------------------------------------------------------------------
-    validate(step)
-    rows = embedding.rows.detach().cpu()
-    embeddings = {w: rows[i * len(layers):(i + 1) * len(layers)] for i, w in enumerate(words)}
-    info = {"base_model": cfg.pretrained_model_name_or_path, "rank": cfg.rank, "alpha": alpha, "steps": step,
-            "optimizer": cfg.optimizer, "initializer": inits, "embeddings_frozen_at": frozen_at}
-    path = save_edlora(out / EDLORA_FILE, words, tokens, embeddings, unet, text_encoder, layers, info)
-    if losses:
-        plot_loss(losses, out / "loss.png")
-    summary = {"output_dir": str(out), "file": str(path), "steps": step, "final_loss": losses[-1] if losses else None,
-               "seconds": seconds, "embedding_norm": embedding.mean_norm(), "embeddings_frozen_at": frozen_at,
-               "tokens": sum(len(t) for t in tokens.values())}
-    write_metrics(out / "metrics.json", {**summary, "losses": losses, "config": config_to_dict(cfg)})
-    return summary
+    def after_step(self, step: int) -> dict[str, str]:
+        self._freeze_if_due(step)
+        return {"emb_norm": "/".join(f"{e.mean_norm():.3f}" for e in self.embeddings)}
+
+    def state(self) -> dict[str, Any]:
+        extra = {"frozen_at_encoders": list(self.frozen)} if len(self.frozen) > 1 else {}
+        return {"frozen_at": self.frozen[0], **extra}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        frozen = state.get("frozen_at_encoders") or [state.get("frozen_at")]
+        self.frozen = [*frozen, *[None] * len(self.embeddings)][:len(self.embeddings)]
+        for embedding, at in zip(self.embeddings, self.frozen):
+            if at is not None:
+                embedding.rows.requires_grad_(False)
+
+    def validation_prompts(self) -> list[str]:
+        return self._validation_prompts
+
+    def validation_pipeline(self, unet: nn.Module, text_encoders: list[nn.Module]) -> Any:
+        return LayerwisePipeline(super().validation_pipeline(unet, text_encoders), self.tokens, len(self.layers),
+                                 self.family)
+
+    def save(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        from difflora.train.validation import write_metrics
+
+        cfg, words, n = self.cfg, self.cfg.words, len(self.layers)
+        unet, encoders = trainer.unwrapped()
+        tables = []
+        for embedding in self.embeddings:
+            rows = embedding.rows.detach().cpu()
+            tables.append({w: rows[i * n:(i + 1) * n] for i, w in enumerate(words)})
+        info = {"base_model": cfg.pretrained_model_name_or_path, "family": self.family.name, "rank": cfg.rank,
+                "alpha": self.alpha, "steps": trainer.step, "optimizer": cfg.optimizer,
+                "initializer": cfg.initializers, "embeddings_frozen_at": self.frozen[0]}
+        if len(self.embeddings) > 1:
+            info.update(embeddings_frozen_at_encoders=dict(zip(self.components, self.frozen)), pooled=POOLED_RULE)
+        path = save_edlora(trainer.out / EDLORA_FILE, words, self.tokens, tables[0], unet, encoders[0],
+                           self.layers, info, extra_encoders=list(zip(encoders[1:], tables[1:])))
+        summary.update(file=str(path), embedding_norm=self.embedding.mean_norm(),
+                       embeddings_frozen_at=self.frozen[0], tokens=sum(len(t) for t in self.tokens.values()))
+        if len(self.embeddings) > 1:
+            summary.update(embedding_norms=dict(zip(self.components, (e.mean_norm() for e in self.embeddings))),
+                           embeddings_frozen_at_encoders=dict(zip(self.components, self.frozen)))
+        write_metrics(trainer.out / "metrics.json",
+                      {**summary, "losses": trainer.losses, "config": config_to_dict(cfg)})
+
+
+@output_job
+def train(cfg: EDLoRAConfig, callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    """Train one ED-LoRA concept; return a summary (final loss, steps, output_dir, file)."""
+    return Trainer(EDLoRAJob(cfg), callbacks).run()
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(EDLoRAConfig, argv, prog="difflora edlora")
     summary = train(cfg)
-    print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, wrote {summary['file']}")
+    if summary["is_main_process"]:
+        print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, wrote {summary['file']}")

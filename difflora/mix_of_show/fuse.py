@@ -11,7 +11,9 @@ Stages follow Mix-of-Show, because each stage's inputs depend on the previous on
 
 Inputs are never stored: forward pre-hooks stream them into per-layer Gram sums
 (:mod:`difflora.mix_of_show.fusion`), so memory does not grow with steps or prompts.
-The output is a diffusers folder (``StableDiffusionPipeline.from_pretrained`` loads it) plus
+SD 1.x / 2.x and SDXL base models: every text encoder of the family is fused (SDXL: both), and
+prompts are encoded by the family's recipe (SDXL: both encoders' states plus the pooled embedding).
+The output is a diffusers folder (the family's pipeline ``from_pretrained`` loads it) plus
 ``concepts.json`` (concept words -> the tokens the samplers use) and ``fusion_report.json``
 (per-layer errors of the fused weight vs averaging).
 """
@@ -20,9 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +33,9 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from difflora.config import config_to_dict, parse_config
+from difflora.config import check_device, check_image_size, config_to_dict, parse_config, read_text
 from difflora.errors import UserError
+from difflora.families import Conditioning, ModelFamily, family_of_folder, family_of_pipeline
 from difflora.lora_io import LoraLayer, _live_path, _module_names, _read, check_fits, lora_deltas
 from difflora.mix_of_show import edlora
 from difflora.mix_of_show.fusion import (
@@ -42,11 +45,27 @@ from difflora.mix_of_show.fusion import (
     layer_rows,
     solve_lbfgs,
 )
+from difflora.output_dir import (
+    MIN_FREE_BYTES,
+    Outputs,
+    check_removable,
+    claim_outputs,
+    output_job,
+    owned_entries,
+    prepare_output_dir,
+    remove_entry,
+)
 
 logger = logging.getLogger(__name__)
 
 CONCEPTS_FILE = "concepts.json"
 REPORT_FILE = "fusion_report.json"
+INDEX_FILE = "model_index.json"
+# Everything a fusion writes at the top of output_dir: what --overwrite replaces, and nothing else.
+OUTPUTS = Outputs("fuse", (INDEX_FILE, "unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                           "scheduler", "safety_checker", "feature_extractor", "image_encoder", CONCEPTS_FILE,
+                           REPORT_FILE),
+                  recognise=lambda out: (out / REPORT_FILE).is_file() and (out / CONCEPTS_FILE).is_file())
 DEFAULT_TEMPLATES = ["a photo of {}", "{} on the beach", "a painting of {}", "{} in the snow"]
 
 
@@ -56,13 +75,19 @@ class FuseConfig:
 
     concepts: str = field(metadata={"help": "YAML list of {lora: PATH, words: '<w1>+<w2>', scale: 1.0}"})
     pretrained_model_name_or_path: str = field(metadata={"help": "base model folder the concepts were trained on"})
-    output_dir: str = field(metadata={"help": "folder for the fused pipeline; must be empty or absent"})
+    output_dir: str = field(metadata={"help": "folder for the fused pipeline; must be empty or absent unless "
+                                              "--overwrite"})
     method: Literal["closed_form", "lbfgs", "average"] = field(
         default="closed_form",
         metadata={"help": "closed_form: streamed Gram solve; lbfgs: Mix-of-Show's iterative solve (stores "
                           "activations); average: W0 + mean of the deltas"})
     ridge: float = field(default=DEFAULT_RIDGE, metadata={
-        "help": "pull toward the base weight, relative to the mean input energy of each layer"})
+        "help": "pull toward the base weight, relative to the mean input energy of each layer; 0 keeps the "
+                "base weight exactly on inputs no concept produces"})
+    concept_weighting: Literal["equal", "rows"] = field(default="equal", metadata={
+        "help": "equal: each concept's error is averaged over its own recorded inputs, so every concept counts "
+                "the same however many prompts, tokens or steps recorded it; rows: errors summed over all "
+                "inputs (Mix-of-Show's objective), so a concept with more inputs weighs more"})
     prompt_templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES), metadata={
         "help": "prompts per concept, '{}' replaced by the concept words"})
     sample_steps: int = field(default=20, metadata={
@@ -72,15 +97,25 @@ class FuseConfig:
     lbfgs_steps: int = field(default=500, metadata={"help": "LBFGS iterations per layer (method lbfgs)"})
     seed: int = field(default=0, metadata={"help": "seed of the recording samples"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "write into a non-empty output_dir, replacing an earlier fused model (other files are kept)"})
 
     def validate(self) -> None:
         if self.ridge < 0:
             raise UserError(f"ridge must be >= 0, got {self.ridge}")
         if self.sample_steps < 1:
             raise UserError(f"sample_steps must be >= 1, got {self.sample_steps}")
+        if self.lbfgs_steps < 1:
+            raise UserError(f"lbfgs_steps must be >= 1, got {self.lbfgs_steps}")
         if not self.prompt_templates or any("{}" not in t for t in self.prompt_templates):
             raise UserError("every prompt template needs a '{}' where the concept words go, e.g. 'a photo of {}'")
+        for t in self.prompt_templates:
+            try:
+                t.format("x")
+            except (IndexError, KeyError, ValueError):
+                raise UserError(f"prompt template {t!r} may hold only '{{}}' as a placeholder; write other "
+                                "braces as '{{' and '}}'") from None
+        check_image_size(self.resolution, self.resolution, ("--resolution", "--resolution"))
 
 
 @dataclass
@@ -95,8 +130,9 @@ class Concept:
     # word -> the token strings that stand for it in prompts (plain LoRAs: the word itself;
     # ED-LoRA: one token per cross-attention layer).
     tokens: dict[str, list[str]] = field(default_factory=dict)
-    # ED-LoRA only: word -> (layers, width) token embeddings, and words renamed to avoid a clash.
-    embeddings: dict[str, torch.Tensor] | None = None
+    # ED-LoRA only: per text encoder, word -> (layers, width) token embeddings; words renamed to
+    # avoid a clash.
+    embeddings: list[dict[str, torch.Tensor]] | None = None
     renamed: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -113,6 +149,19 @@ def split_words(words: str) -> list[str]:
     return out
 
 
+def _scale(value: Any, where: str) -> float:
+    """A concept's scale: a finite number (checked before any model is loaded)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UserError(f"{where}: scale must be a number, got {value!r}")
+    try:
+        scale = float(value)
+    except ValueError:
+        raise UserError(f"{where}: scale must be a number, got {value!r}") from None
+    if not math.isfinite(scale):
+        raise UserError(f"{where}: scale must be a finite number, got {value!r}; e.g. scale: 1.0")
+    return scale
+
+
 def _concept_entries(path: str) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
@@ -120,7 +169,7 @@ def _concept_entries(path: str) -> list[dict[str, Any]]:
     import yaml
 
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(read_text(p, "concepts file"))
     except yaml.YAMLError as err:
         raise UserError(f"concepts file '{p}' is not valid YAML ({str(err).splitlines()[0]})") from None
     if isinstance(data, dict) and "concepts" in data:
@@ -131,10 +180,19 @@ def _concept_entries(path: str) -> list[dict[str, Any]]:
         unknown = set(entry) - {"lora", "words", "scale", "name"}
         if unknown or "lora" not in entry:
             raise UserError(f"concept {i + 1} in '{p}' needs 'lora' and may have words, scale, name "
-                            f"(got {sorted(entry)})")
+                            f"(got {sorted(map(str, entry))})")
+        entry["scale"] = _scale(entry.get("scale", 1.0), f"concept {i + 1} in '{p}'")
+        for key in ("lora", "words", "name"):  # plain text (a bare number is read as its text)
+            if key in entry and (isinstance(entry[key], (bool, dict, list)) or entry[key] is None):
+                raise UserError(f"concept {i + 1} in '{p}': '{key}' must be text, got {entry[key]!r}")
+            if key in entry:
+                entry[key] = str(entry[key])
         lora = Path(str(entry["lora"]))
         if not lora.is_absolute():
             entry["lora"] = str((p.parent / lora) if (p.parent / lora).exists() else lora)
+        if not Path(entry["lora"]).exists():
+            raise UserError(f"concept {i + 1} in '{p}': LoRA '{lora}' does not exist (relative paths are read "
+                            "from the concepts file's folder or the current one)")
     return data
 
 
@@ -143,10 +201,7 @@ def load_concepts(path: str, pipe: Any) -> list[Concept]:
     names = _module_names(pipe)
     concepts: list[Concept] = []
     for i, entry in enumerate(_concept_entries(path)):
-        try:
-            scale = float(entry.get("scale", 1.0))
-        except (TypeError, ValueError):
-            raise UserError(f"concept {i + 1}: scale must be a number, got {entry.get('scale')!r}") from None
+        scale = entry["scale"]
         if edlora.is_edlora_file(entry["lora"]):
             concepts.append(_edlora_concept(i, entry, scale, pipe, names))
             continue
@@ -160,7 +215,8 @@ def load_concepts(path: str, pipe: Any) -> list[Concept]:
                           layers=layers, scale=scale, source=str(file), tokens={w: [w] for w in words})
         check_fits(concept.layers, pipe, source=f"concept {i + 1} ('{file}')")
         concepts.append(concept)
-    _resolve_word_clashes(concepts, set(pipe.tokenizer.get_vocab()))
+    family = family_of_pipeline(pipe)
+    _resolve_word_clashes(concepts, {t for tok in family.tokenizers_of(pipe) for t in tok.get_vocab()})
     install_concept_tokens(pipe, concepts)
     return concepts
 
@@ -171,13 +227,13 @@ def _edlora_concept(i: int, entry: dict[str, Any], scale: float, pipe: Any, name
     file = file / edlora.EDLORA_FILE if file.is_dir() else file
     data = edlora.load_edlora(file)
     source = f"concept {i + 1} ('{file}')"
-    edlora.check_base_model(data, pipe.unet, pipe.text_encoder, source)
-    words, embeddings = data.words, data.embeddings
+    edlora.check_base_model(data, pipe.unet, family_of_pipeline(pipe).text_encoders_of(pipe), source)
+    words, embeddings = data.words, data.all_embeddings
     if "words" in entry:  # the user renames the concept's words
         new = edlora.parse_words(entry["words"])
         if len(new) != len(words):
             raise UserError(f"{source} has {len(words)} words ({'+'.join(words)}); 'words' must rename all of them")
-        embeddings = {n: embeddings[w] for n, w in zip(new, words)}
+        embeddings = [{n: table[w] for n, w in zip(new, words)} for table in embeddings]
         words = new
     layers = lora_deltas(data.lora, names, metadata=data.metadata["header"]) if data.lora else {}
     num_layers = len(data.layers)
@@ -228,26 +284,30 @@ def _resolve_word_clashes(concepts: list[Concept], vocab: set[str]) -> None:
                 concept.words[concept.words.index(word)] = new
                 concept.tokens = {(new if w == word else w): (edlora.layer_tokens(new, len(tokens)) if w == word
                                                               else t) for w, t in concept.tokens.items()}
-                concept.embeddings = {(new if w == word else w): e for w, e in concept.embeddings.items()}
+                concept.embeddings = [{(new if w == word else w): e for w, e in table.items()}
+                                      for table in concept.embeddings]
                 concept.renamed[word] = new
                 word = new
             taken.add(word)
 
 
 def install_concept_tokens(pipe: Any, concepts: list[Concept]) -> None:
-    """Add every ED-LoRA concept's layer-wise tokens to the pipeline's tokenizer and text encoder."""
-    rows: dict[str, torch.Tensor] = {}
-    for concept in concepts:
-        for word, emb in (concept.embeddings or {}).items():
-            rows.update(zip(concept.tokens[word], emb))
-    if not rows:
-        return
-    pipe.tokenizer.add_tokens(list(rows))
-    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
-    table = pipe.text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        for token, row in rows.items():
-            table[pipe.tokenizer.convert_tokens_to_ids(token)] = row.to(table)
+    """Add every ED-LoRA concept's layer-wise tokens to each tokenizer / text encoder pair of the
+    pipeline, with that encoder's rows from the concept file (SDXL: both encoders)."""
+    family = family_of_pipeline(pipe)
+    for i, (tokenizer, encoder) in enumerate(zip(family.tokenizers_of(pipe), family.text_encoders_of(pipe))):
+        rows: dict[str, torch.Tensor] = {}
+        for concept in concepts:
+            for word, emb in (concept.embeddings[i] if concept.embeddings else {}).items():
+                rows.update(zip(concept.tokens[word], emb))
+        if not rows:
+            continue
+        tokenizer.add_tokens(list(rows))
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        table = encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            for token, row in rows.items():
+                table[tokenizer.convert_tokens_to_ids(token)] = row.to(table)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,6 +374,7 @@ def _solve(weights: _Weights, accs: dict[str, GramAccumulator], cfg: FuseConfig,
            stage: str, report: dict[str, Any]) -> None:
     for key in tqdm(list(accs), desc=f"{stage}: solving", unit="layer"):
         acc = accs[key]
+        acc.weighting = cfg.concept_weighting
         targets = [weights.merged(c, key) for c in concepts]
         avg = average_weight(weights.base[key], targets)
         if cfg.method == "closed_form":
@@ -339,20 +400,20 @@ def _prompts(concept: Concept, cfg: FuseConfig) -> list[str]:
 
 
 class _Text:
-    """Encodes prompts for the fusion stages, layer-wise when any concept has layer-wise tokens."""
+    """Encodes prompts for the fusion stages by the family's recipe, layer-wise when any concept has
+    layer-wise tokens."""
 
-    def __init__(self, pipe: Any, concepts: list[Concept]):
-        self.pipe = pipe
+    def __init__(self, pipe: Any, concepts: list[Concept], family: ModelFamily):
+        self.pipe, self.family = pipe, family
         self.tokens = {w: t for c in concepts for w, t in c.tokens.items()}
         self.layerwise = edlora.is_layerwise(self.tokens)
         self.layers = edlora.cross_attention_layers(pipe.unet) if self.layerwise else []
         self.seq_len = pipe.tokenizer.model_max_length
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        if not self.layerwise:
-            return encode_prompts(self.pipe, prompts)
-        return edlora.encode_layerwise(self.pipe.tokenizer, self.pipe.text_encoder, prompts, self.tokens,
-                                       len(self.layers))
+    def encode(self, prompts: list[str]) -> Conditioning:
+        return edlora.layerwise_conditioning(self.family, self.family.tokenizers_of(self.pipe),
+                                             self.family.text_encoders_of(self.pipe), prompts, self.tokens,
+                                             max(len(self.layers), 1), device=self.pipe.device)
 
     def for_layer(self, hidden: torch.Tensor, key: str) -> torch.Tensor:
         """The slice of a (layer-wise) encoding that the cross-attention layer of ``key`` reads."""
@@ -366,37 +427,47 @@ def _is_kv(key: str) -> bool:
     return key.startswith("unet.") and bool(re.search(r"attn2\.to_[kv]$", key))
 
 
+def _largest_file(folder: Path) -> int:
+    """Size of the biggest weight file under ``folder``: a lower bound of what a fused model takes."""
+    sizes = [p.stat().st_size for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()]
+    return max(sizes, default=0)
+
+
+@output_job
 def fuse(cfg: FuseConfig) -> dict[str, Any]:
     """Run the three fusion stages and write the fused pipeline; returns a summary."""
-    from diffusers import StableDiffusionPipeline
-
+    check_device(cfg.device)
     out = Path(cfg.output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
-        raise UserError(f"'{out}' is not empty; choose another output_dir or pass --overwrite")
-    _concept_entries(cfg.concepts)  # a bad concepts file fails before the slow model load
-    if not Path(cfg.pretrained_model_name_or_path).is_dir():
+    entries = _concept_entries(cfg.concepts)  # a bad concepts file fails before the slow model load
+    base_dir = Path(cfg.pretrained_model_name_or_path)
+    if not base_dir.is_dir():
         raise UserError(f"base model '{cfg.pretrained_model_name_or_path}' is not a folder; pass a local "
                         "diffusers model folder")
+    inputs = [base_dir, Path(cfg.concepts), *(Path(e["lora"]) for e in entries)]
+    # Every refusal about the output folder (in use, not writable, full, not ours) before the model loads.
+    prepare_output_dir(out, OUTPUTS, overwrite=cfg.overwrite, clear=False, empty_unless_overwrite=True, lock=True,
+                       inputs=inputs, need_bytes=max(MIN_FREE_BYTES, _largest_file(base_dir)))
+    family = family_of_folder(base_dir)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            cfg.pretrained_model_name_or_path, safety_checker=None, requires_safety_checker=False)
-    except (OSError, ValueError) as err:
+        pipe = family.load_pipeline(cfg.pretrained_model_name_or_path)
+    except (OSError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load base model '{cfg.pretrained_model_name_or_path}' "
-                        f"({str(err).splitlines()[0]}); pass a Stable Diffusion 1.x/2.x folder") from None
+                        f"({first}); pass a Stable Diffusion 1.x/2.x or SDXL folder") from None
     pipe.set_progress_bar_config(disable=True)
     pipe.to(cfg.device)
     concepts = load_concepts(cfg.concepts, pipe)
 
     keys = sorted({k for c in concepts for k in c.layers})
-    te_keys = [k for k in keys if k.startswith("text_encoder.")]
+    te_keys = [k for k in keys if not k.startswith("unet.")]  # every text encoder (SDXL: both)
     kv_keys = [k for k in keys if _is_kv(k)]
     other_keys = [k for k in keys if k.startswith("unet.") and k not in kv_keys]
     weights = _Weights(pipe, keys)
     keep_rows = cfg.method == "lbfgs"
     report: dict[str, Any] = {}
-    text = _Text(pipe, concepts)
+    text = _Text(pipe, concepts, family)
 
-    def encode(concept: Concept) -> torch.Tensor:
+    def encode(concept: Concept) -> Conditioning:
         return text.encode(_prompts(concept, cfg))
 
     if te_keys:
@@ -408,7 +479,7 @@ def fuse(cfg: FuseConfig) -> dict[str, Any]:
 
     if kv_keys:
         def run_kv(concept: Concept) -> None:
-            hidden = encode(concept)  # the fused text encoder's outputs
+            hidden = encode(concept).hidden_states  # the fused text encoders' outputs
             for k in kv_keys:
                 weights.modules[k](text.for_layer(hidden, k))
         accs = _record(weights, kv_keys, concepts, run_kv, keep_rows, "cross-attention k/v")
@@ -420,9 +491,9 @@ def fuse(cfg: FuseConfig) -> dict[str, Any]:
         def run_unet(concept: Concept) -> None:
             weights.use_concept(concept, keys)
             embeds = encode(concept)
-            negative = text.encode([""] * len(embeds))
+            negative = text.encode([""] * len(embeds.hidden_states))
             g = torch.Generator(pipe.device).manual_seed(cfg.seed)
-            pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=cfg.sample_steps,
+            pipe(**family.pipeline_embeds(embeds, negative), num_inference_steps=cfg.sample_steps,
                  guidance_scale=cfg.guidance_scale, height=size, width=size, generator=g, output_type="latent")
         original = edlora.install_layerwise(pipe.unet, text.seq_len) if text.layerwise else None
         try:
@@ -434,37 +505,51 @@ def fuse(cfg: FuseConfig) -> dict[str, Any]:
         _solve(weights, accs, cfg, concepts, "UNet", report)
     weights.use_fused(keys)
 
-    concept_cfg = {"base_model": str(cfg.pretrained_model_name_or_path), "layerwise": text.layerwise,
+    concept_cfg = {"base_model": str(cfg.pretrained_model_name_or_path), "family": family.name,
+                   "layerwise": text.layerwise,
                    "layers": text.layers, "concepts": [
         {"name": c.name, "words": c.words, "tokens": c.tokens, "source": c.source, "scale": c.scale,
          "kind": "edlora" if c.embeddings is not None else "lora", **({"renamed": c.renamed} if c.renamed else {})}
         for c in concepts]}
-    summary = _write(pipe, out, concept_cfg, report, cfg)
+    summary = _write(pipe, out, concept_cfg, report, cfg, inputs)
     return summary
 
 
-def _write(pipe: Any, out: Path, concept_cfg: dict, report: dict, cfg: FuseConfig) -> dict[str, Any]:
-    """Write into a temporary sibling folder, then move it into place (never a half-written model)."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+def _write(pipe: Any, out: Path, concept_cfg: dict, report: dict, cfg: FuseConfig,
+           inputs: list[Path]) -> dict[str, Any]:
+    """Write the pipeline into a staging folder inside ``out``, then move its entries into place.
+
+    Staging inside ``out`` (not beside it: ``out`` may be ``.`` or ``..``) keeps every move a rename on
+    one disk. An earlier fused model stays until the new one is complete; then only its entries are
+    removed (``model_index.json`` first) and the new ones moved in (``model_index.json`` last), so a
+    kill midway leaves no folder that loads as a mix of two models. Other files in ``out`` are kept.
+    """
+    staging = out / f".fuse-staging.tmp-{os.getpid()}"
+    remove_entry(staging)
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / CONCEPTS_FILE).write_text(json.dumps(concept_cfg, indent=2))
+        pipe.save_pretrained(staging, safe_serialization=True)
+        (staging / CONCEPTS_FILE).write_text(json.dumps(concept_cfg, indent=2))
         mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
         summary = {
             "output_dir": str(out), "method": cfg.method, "layers": len(report),
             "mean_error": mean([mean(r["error"]) for r in report.values()]),
             "mean_average_error": mean([mean(r["average_error"]) for r in report.values()]),
         }
-        (tmp / REPORT_FILE).write_text(json.dumps(
+        (staging / REPORT_FILE).write_text(json.dumps(
             {"summary": summary, "config": config_to_dict(cfg), "layers": report}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        new = sorted(staging.iterdir(), key=lambda p: (p.name == INDEX_FILE, p.name))
+        outputs = OUTPUTS.with_names(*(p.name for p in new))
+        old = owned_entries(out, OUTPUTS)
+        check_removable(old, inputs)
+        for path in sorted(old, key=lambda p: p.name != INDEX_FILE):
+            remove_entry(path)
+        for path in new:
+            if (out / path.name).exists():  # a name this job does not list, taken by the user's entry
+                raise UserError(f"'{out / path.name}' exists and is not difflora's; move it away and fuse again")
+            os.replace(path, out / path.name)
+        claim_outputs(out, outputs)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        remove_entry(staging)
     return summary
 
 

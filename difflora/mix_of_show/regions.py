@@ -7,7 +7,9 @@ runs it once per prompt, then picks per position, so a box covering the whole im
 the sample of the region prompt. Later regions win where boxes overlap. With ED-LoRA concepts
 (layer-wise tokens in the model's ``concepts.json``) every prompt is encoded once per
 cross-attention layer and each layer reads its own encoding, inside and outside the boxes. An optional T2I-Adapter
-(keypose / sketch condition image) steers the layout further.
+(keypose / sketch condition image) steers the layout further. SD 1.x / 2.x and SDXL models: on SDXL
+the regions replace the token states (both encoders'); the pooled embedding, which conditions the
+whole image through the time embedding, is the global prompt's.
 
 Writes ``image.png``, ``layout.png`` (boxes and labels over the image) and ``settings.json``.
 """
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,14 +25,17 @@ from typing import Any
 
 import torch
 
-from difflora.config import config_to_dict, parse_config
+from difflora.config import check_device, check_image_size, config_to_dict, parse_config, read_text
+from difflora.data import read_image
 from difflora.errors import UserError
+from difflora.families import Conditioning, ModelFamily, family_of_folder
 from difflora.mix_of_show.edlora import (
     cross_attention_layers,
-    encode_layerwise,
     install_layerwise,
     is_layerwise,
+    layerwise_conditioning,
 )
+from difflora.output_dir import Outputs, atomic_save_image, atomic_write_text, output_job, prepare_output_dir
 
 CONCEPTS_FILE = "concepts.json"
 
@@ -45,11 +49,18 @@ class Region:
     negative_prompt: str | None = None
 
 
-def resolve_box(values: list[float] | tuple[float, ...], width: int, height: int, what: str = "box"
-                ) -> tuple[float, float, float, float]:
-    """Fractions (all values in [0, 1]) or pixels -> pixels; refuse boxes outside the image or empty."""
-    if len(values) != 4:
-        raise UserError(f"{what} needs 4 numbers x0,y0,x1,y1, got {list(values)}")
+def resolve_box(values: Any, width: int, height: int, what: str = "box") -> tuple[float, float, float, float]:
+    """Fractions (all values in [0, 1]) or pixels -> pixels; refuse boxes outside the image or empty.
+
+    ``values`` comes from a flag or a layout file, so anything but a list of 4 finite numbers is
+    refused here (a NaN would pass every comparison below and crash the sampler later).
+    """
+    if (not isinstance(values, (list, tuple)) or len(values) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+        raise UserError(f"{what} must be 4 numbers [x0, y0, x1, y1], got {values!r}")
+    if not all(math.isfinite(v) for v in values):
+        raise UserError(f"{what} {list(values)} must hold finite numbers; write pixels or fractions in [0, 1]")
+    values = list(values)
     x0, y0, x1, y1 = (float(v) for v in values)
     if max(x0, y0, x1, y1) <= 1.0:  # fractions of the image (a box of 1 pixel is never meant)
         x0, x1, y0, y1 = x0 * width, x1 * width, y0 * height, y1 * height
@@ -142,13 +153,28 @@ def install_regions(unet: Any, controller: RegionController) -> dict[str, Any]:
     return original
 
 
+def _concepts_of(model_dir: str | Path) -> list[dict[str, Any]]:
+    """The concept entries of a fused model's ``concepts.json`` (none when the file is absent)."""
+    path = Path(model_dir) / CONCEPTS_FILE
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(read_text(path, "concepts file"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"'{path}' is not valid JSON ({err.msg}); fuse the model again") from None
+    concepts = data.get("concepts", []) if isinstance(data, dict) else None
+    if not isinstance(concepts, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("words", []), list) and isinstance(c.get("tokens", {}), dict)
+            for c in concepts):
+        raise UserError(f"'{path}' is not a concepts file written by difflora fuse; fuse the model again")
+    return concepts
+
+
 def check_concept_words(prompts: list[str], model_dir: str | Path) -> None:
     """Refuse ``<word>`` tokens the model does not know (a typo would silently sample nothing)."""
     known: set[str] = set()
-    path = Path(model_dir) / CONCEPTS_FILE
-    if path.is_file():
-        for concept in json.loads(path.read_text()).get("concepts", []):
-            known.update(concept.get("words", []))
+    for concept in _concepts_of(model_dir):
+        known.update(map(str, concept.get("words", [])))
     for prompt in prompts:
         for word in re.findall(r"<[^<>\s]+>", prompt):
             if word not in known:
@@ -177,13 +203,15 @@ class RegionsConfig:
     height: int | None = field(default=None, metadata={"help": "pixels (default: the model's size)"})
     width: int | None = field(default=None, metadata={"help": "pixels (default: the model's size)"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing image.png in output_dir"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace an earlier image.png, layout.png and settings.json in output_dir (other files are kept)"})
 
     def validate(self) -> None:
         if self.steps < 1:
             raise UserError(f"steps must be >= 1, got {self.steps}")
         if (self.adapter is None) != (self.condition is None):
             raise UserError("--adapter and --condition go together: give both or neither")
+        check_image_size(self.height, self.width)
 
 
 def _load_layout(path: str) -> dict[str, Any]:
@@ -193,31 +221,36 @@ def _load_layout(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"layout file '{p}' does not exist; check --layout")
     try:
-        data = yaml.safe_load(p.read_text())  # JSON is YAML too
+        data = yaml.safe_load(read_text(p, "layout file"))  # JSON is YAML too
     except yaml.YAMLError as err:
         raise UserError(f"layout file '{p}' is not valid YAML/JSON ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("regions", []), list):
         raise UserError(f"layout file '{p}' must hold prompt, negative_prompt and a list of regions")
+    for key in ("prompt", "negative_prompt"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise UserError(f"layout file '{p}': '{key}' must be text, got {data[key]!r}")
     return data
 
 
-def _load_pipeline(cfg: RegionsConfig) -> Any:
-    from diffusers import StableDiffusionAdapterPipeline, StableDiffusionPipeline, T2IAdapter
+def _load_pipeline(cfg: RegionsConfig, family: ModelFamily) -> Any:
+    from diffusers import T2IAdapter
 
     if not Path(cfg.model).is_dir():
         raise UserError(f"model '{cfg.model}' is not a folder; pass a diffusers model folder")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(cfg.model, safety_checker=None, requires_safety_checker=False)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load model '{cfg.model}' ({str(err).splitlines()[0]})") from None
+        pipe = family.load_pipeline(cfg.model)
+    except (OSError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load model '{cfg.model}' ({first})") from None
     if cfg.adapter is not None:
         if not (Path(cfg.adapter) / "config.json").is_file():
             raise UserError(f"adapter '{cfg.adapter}' is not a T2I-Adapter folder (no config.json); check --adapter")
-        adapter = T2IAdapter.from_pretrained(cfg.adapter)
-        pipe = StableDiffusionAdapterPipeline(
-            vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-            adapter=adapter, scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+        try:
+            adapter = T2IAdapter.from_pretrained(cfg.adapter)
+        except (OSError, ValueError, TypeError) as err:
+            raise UserError(f"cannot load adapter '{cfg.adapter}' ({str(err).strip().splitlines()[0]}); "
+                            "pass a diffusers T2I-Adapter folder") from None
+        pipe = family.adapter_pipeline(pipe, adapter)
     pipe.set_progress_bar_config(desc="sampling")
     return pipe.to(cfg.device)
 
@@ -225,32 +258,31 @@ def _load_pipeline(cfg: RegionsConfig) -> Any:
 def _default_size(model: str) -> int:
     """The model's native image size, read from its configs (checked before loading any weights)."""
     try:
-        unet = json.loads((Path(model) / "unet" / "config.json").read_text())
-        vae = json.loads((Path(model) / "vae" / "config.json").read_text())
-    except (OSError, ValueError):
+        unet = json.loads((Path(model) / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((Path(model) / "vae" / "config.json").read_text(encoding="utf-8"))
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"model '{model}' is not a diffusers Stable Diffusion folder (unet/ and vae/ configs); "
                         "pass the folder difflora fuse wrote or a base model") from None
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def concept_tokens(model_dir: str | Path) -> dict[str, list[str]]:
     """Concept word -> its tokens (one per cross-attention layer for ED-LoRA concepts)."""
-    path = Path(model_dir) / CONCEPTS_FILE
-    if not path.is_file():
-        return {}
-    return {w: list(t) for c in json.loads(path.read_text()).get("concepts", [])
-            for w, t in c.get("tokens", {}).items()}
+    return {str(w): [str(x) for x in t] for c in _concepts_of(model_dir) for w, t in c.get("tokens", {}).items()}
 
 
-def _encode(pipe: Any, prompt: str, tokens: dict[str, list[str]] | None = None) -> torch.Tensor:
-    """One prompt's text encoding; (1, L*T, D) layer-wise when the model has ED-LoRA concepts."""
+def _encode(pipe: Any, prompt: str, tokens: dict[str, list[str]] | None = None,
+            family: ModelFamily | None = None) -> Conditioning:
+    """One prompt's conditioning by the family's recipe; token states (1, L*T, D) layer-wise when the
+    model has ED-LoRA concepts (SDXL: the pooled embedding is the mean of the layers')."""
+    from difflora.families import family_of_pipeline
+
+    family = family if family is not None else family_of_pipeline(pipe)
+    tokens = tokens or {}
+    layers = len(cross_attention_layers(pipe.unet)) if is_layerwise(tokens) else 1
     with torch.no_grad():
-        if tokens and is_layerwise(tokens):
-            return encode_layerwise(pipe.tokenizer, pipe.text_encoder, [prompt], tokens,
-                                    len(cross_attention_layers(pipe.unet)))
-        ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(pipe.device)
-        return pipe.text_encoder(ids)[0]
+        return layerwise_conditioning(family, family.tokenizers_of(pipe), family.text_encoders_of(pipe), [prompt],
+                                      tokens, layers, device=pipe.device)
 
 
 def draw_layout(image: Any, regions: list[Region], min_size: int = 256) -> Any:
@@ -269,17 +301,19 @@ def draw_layout(image: Any, regions: list[Region], min_size: int = 256) -> Any:
     return canvas
 
 
-def _atomic_save_image(image: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    image.save(tmp)
-    os.replace(tmp, path)
+# What a run writes into output_dir: what --overwrite replaces, and nothing else.
+OUTPUTS = Outputs("sample-regions", ("image.png", "layout.png", "settings.json"))
 
 
+@output_job
 def sample_regions(cfg: RegionsConfig) -> dict[str, Any]:
     """Sample one regionally controlled image and write it with its layout and settings."""
+    check_device(cfg.device)
     out = Path(cfg.output_dir)
     if (out / "image.png").exists() and not cfg.overwrite:
         raise UserError(f"'{out / 'image.png'}' exists; choose another output_dir or pass --overwrite")
+    # The new files replace the old ones as they are written; a user's file of the same name is refused.
+    prepare_output_dir(out, OUTPUTS, overwrite=cfg.overwrite, clear=False)
     layout = _load_layout(cfg.layout) if cfg.layout else {}
     prompt = cfg.prompt or str(layout.get("prompt", ""))
     negative = cfg.negative_prompt or str(layout.get("negative_prompt", ""))
@@ -289,33 +323,35 @@ def sample_regions(cfg: RegionsConfig) -> dict[str, Any]:
         raise UserError(f"adapter '{cfg.adapter}' is not a T2I-Adapter folder (no config.json); check --adapter")
     condition = None
     if cfg.condition is not None:
-        from PIL import Image
-
         if not Path(cfg.condition).is_file():
             raise UserError(f"condition image '{cfg.condition}' does not exist; check --condition")
-        condition = Image.open(cfg.condition).convert("RGB")
+        condition = read_image(cfg.condition)
     default = _default_size(cfg.model)
     height, width = cfg.height or default, cfg.width or default
     regions = [parse_region(r, width, height) for r in cfg.region]
     for i, item in enumerate(layout.get("regions", [])):
         if not isinstance(item, dict) or "box" not in item or "prompt" not in item:
             raise UserError(f"layout region {i + 1} needs 'box' and 'prompt'")
-        box = resolve_box(list(item["box"]), width, height, what=f"layout region {i + 1} box")
-        regions.append(Region(box, str(item["prompt"]), item.get("negative_prompt")))
+        if not isinstance(item["prompt"], str) or not item["prompt"].strip():
+            raise UserError(f"layout region {i + 1}: 'prompt' must be non-empty text, got {item['prompt']!r}")
+        if item.get("negative_prompt") is not None and not isinstance(item["negative_prompt"], str):
+            raise UserError(f"layout region {i + 1}: 'negative_prompt' must be text, got {item['negative_prompt']!r}")
+        box = resolve_box(item["box"], width, height, what=f"layout region {i + 1} box")
+        regions.append(Region(box, item["prompt"].strip(), item.get("negative_prompt")))
     check_concept_words([prompt, negative, *(r.prompt for r in regions)], cfg.model)
-    pipe = _load_pipeline(cfg)  # only after every input is checked: loading is the slow part
+    family = family_of_folder(cfg.model)
+    pipe = _load_pipeline(cfg, family)  # only after every input is checked: loading is the slow part
 
     tokens = concept_tokens(cfg.model)
     controller = RegionController(width, height, guidance=cfg.guidance_scale > 1)
     for region in regions:
-        controller.add(region, _encode(pipe, region.prompt, tokens),
+        controller.add(region, _encode(pipe, region.prompt, tokens, family).hidden_states,
                        _encode(pipe, region.negative_prompt if region.negative_prompt is not None else negative,
-                               tokens))
+                               tokens, family).hidden_states)
     before = dict(pipe.unet.attn_processors)
     if is_layerwise(tokens):  # each cross-attention layer reads its own tokens' encoding
         install_layerwise(pipe.unet, pipe.tokenizer.model_max_length)
-        text = {"prompt_embeds": _encode(pipe, prompt, tokens),
-                "negative_prompt_embeds": _encode(pipe, negative, tokens)}
+        text = family.pipeline_embeds(_encode(pipe, prompt, tokens, family), _encode(pipe, negative, tokens, family))
     else:
         text = {"prompt": prompt, "negative_prompt": negative}
     install_regions(pipe.unet, controller)
@@ -327,12 +363,11 @@ def sample_regions(cfg: RegionsConfig) -> dict[str, Any]:
     finally:
         pipe.unet.set_attn_processor(before)
 
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_save_image(image, out / "image.png")
-    _atomic_save_image(draw_layout(image, regions), out / "layout.png")
+    atomic_save_image(image, out / "image.png")
+    atomic_save_image(draw_layout(image, regions), out / "layout.png")
     settings = {**config_to_dict(cfg), "prompt": prompt, "negative_prompt": negative, "height": height,
                 "width": width, "regions": [asdict(r) for r in regions]}
-    (out / "settings.json").write_text(json.dumps(settings, indent=2))
+    atomic_write_text(out / "settings.json", json.dumps(settings, indent=2))
     return {"image": str(out / "image.png"), "regions": len(regions)}
 
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.optim.adamw import adamw
 
 from difflora.optim.base import NamedParams, PreconditionedOptimizer, check_reg, use_foreach
-from difflora.optim.preconditioner import DEFAULT_REG
+from difflora.optim.preconditioner import DEFAULT_REG, precondition_pairs
+
+#: ``variant`` values: ``"torch"`` (default) is torch's AdamW on the preconditioned gradients;
+#: ``"official"`` is the update of the paper's released Mix-of-Show ``AdamWr`` (an ablation).
+VARIANTS: tuple[str, ...] = ("torch", "official")
 
 
 class ScaledAdamW(PreconditionedOptimizer):
@@ -35,6 +40,23 @@ class ScaledAdamW(PreconditionedOptimizer):
         foreach: ``True`` torch's multi-tensor kernels, ``False`` a per-tensor loop; ``None``
             (default) picks: multi-tensor on accelerators, and on CPU only for small factors
             (see :func:`difflora.optim.base.use_foreach`).
+        variant: ``"torch"`` (default): the above. ``"official"``: the update of ``AdamWr`` in the
+            paper's released Mix-of-Show code, as that code runs it (its config never turns bias
+            correction on), for ablations; per group, like ``lr``. It differs in three ways:
+
+            * no Adam bias correction: ``p -= lr * m / (sqrt(v) + eps)``. Early steps are larger
+              than torch's by ``1 / sqrt(1 - beta2^t)`` (31.6x at step 1 with ``beta2 = 0.999``)
+              divided by ``1 / (1 - beta1^t)``;
+            * ``eps`` is added to ``sqrt(v)`` itself, not to the bias-corrected ``sqrt(v_hat)``;
+            * ``B``'s gradient is preconditioned with ``A`` *after* this step's update of ``A``
+              (``A``'s with ``B`` before it, as in the default).
+
+            Decoupled weight decay (``p *= 1 - lr * weight_decay`` before the Adam step) and the
+            moments are as in torch. The released code's other quirks are not reproduced: its
+            pairing by position, its ``torch.inverse`` with a fallback to the identity, ``reg = 0``
+            (pass ``reg=0.0`` for that; a singular Gram matrix then takes the pseudo-inverse) and
+            its default ``eps = 1e-6`` (pass it). Plain parameters get the same Adam rule, as in the
+            released code's unpaired ``AdamWv``. ``amsgrad`` is not available with it.
     """
 
     def __init__(
@@ -49,14 +71,17 @@ class ScaledAdamW(PreconditionedOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        variant: str = "torch",
     ) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        reg=check_reg(reg), maximize=maximize, foreach=foreach)
+                        reg=check_reg(reg), maximize=maximize, foreach=foreach, variant=variant)
         super().__init__(params, defaults)
+        for group in self.param_groups:
+            _check_variant(group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -64,6 +89,7 @@ class ScaledAdamW(PreconditionedOptimizer):
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
+            group.setdefault("variant", "torch")
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
@@ -72,35 +98,93 @@ class ScaledAdamW(PreconditionedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        scaled = self._grads_for_step()
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("ScaledAdamW does not support sparse gradients")
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params.append(p)
-                grads.append(scaled.get(p, p.grad))
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                if group["amsgrad"]:
-                    max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-                steps.append(state["step"])
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            adamw(
-                params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                foreach=use_foreach(group["foreach"], params),
-                amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
-                weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-            )
+            _check_variant(group)
+        scaled = self._grads_for_step()
+        late = self._late_factors()
+        for group in self.param_groups:
+            self._update_group(group, scaled, skip=late)
+        if late:
+            # "official": B's gradient preconditioned with its A as updated just above.
+            _, a_params, b_params, a_groups, b_groups = self._factor_lists
+            ks = [k for k, b in enumerate(b_params) if id(b) in late and b.grad is not None]
+            groups = self.param_groups
+            _, new_b = precondition_pairs([a_params[k] for k in ks], [b_params[k] for k in ks],
+                                          [None] * len(ks), [b_params[k].grad for k in ks],
+                                          [groups[a_groups[k]]["reg"] for k in ks],
+                                          [groups[b_groups[k]]["reg"] for k in ks])
+            rescaled = {b_params[k]: g for k, g in zip(ks, new_b)}
+            for group in groups:
+                self._update_group(group, rescaled, only=late)
         return loss
+
+    def _late_factors(self) -> set[int]:
+        """ids of the B factors whose group runs the "official" variant (updated after their A)."""
+        if all(g["variant"] == "torch" for g in self.param_groups):
+            return set()
+        pairs = self._pairing()
+        groups = self.param_groups
+        return {id(groups[p.b[0]]["params"][p.b[1]]) for p in pairs if groups[p.b[0]]["variant"] == "official"}
+
+    def _update_group(self, group: dict[str, Any], scaled: dict[Tensor, Tensor], skip: set[int] | frozenset[int] = frozenset(),
+                      only: set[int] | None = None) -> None:
+        """The Adam update of ``group``'s parameters with a gradient (``scaled`` if there, else ``.grad``).
+
+        ``skip``: ids left for later; ``only``: if given, the ids updated now.
+        """
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None or id(p) in skip or (only is not None and id(p) not in only):
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("ScaledAdamW does not support sparse gradients")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(scaled.get(p, p.grad))
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        if group["variant"] == "official":
+            _official_adam(params, grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2,
+                           lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                           maximize=group["maximize"])
+            return
+        adamw(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+            foreach=use_foreach(group["foreach"], params),
+            amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+        )
+
+
+def _check_variant(group: dict[str, Any]) -> None:
+    variant = group.get("variant", "torch")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown ScaledAdamW variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    if variant == "official" and group["amsgrad"]:
+        raise ValueError("ScaledAdamW variant 'official' has no amsgrad; use variant='torch' for amsgrad")
+
+
+def _official_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                   steps: list[Tensor], *, beta1: float, beta2: float, lr: float, weight_decay: float, eps: float,
+                   maximize: bool) -> None:
+    """Adam without bias correction, ``eps`` added to ``sqrt(v)``; decoupled decay first (in place)."""
+    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        g = -g if maximize else g
+        t += 1
+        if weight_decay:
+            p.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        p.addcdiv_(m, v.sqrt().add_(eps), value=-lr)

@@ -1,1 +1,1 @@
-"""Training loops and the pieces they share (output folders, checkpoints, loss, validation)."""
+"""Training loops and the pieces they share (checkpoints, loss, validation, class images)."""

@@ -1,4 +1,4 @@
-"""Latents -> noisy latents -> target -> weighted MSE: the diffusion objective.
+"""Prediction target and weighted MSE: the diffusion objective.
 
 Kept apart from the loop so that DreamBooth and ED-LoRA training compute exactly the same loss.
 """
@@ -7,22 +7,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def add_noise(latents: torch.Tensor, scheduler, generator: torch.Generator, noise_offset: float = 0.0
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw noise and timesteps from ``generator``; return (noisy latents, noise, timesteps).
-
-    ``noise_offset`` adds a per-channel constant to the noise, which lets the model learn very dark
-    and very bright images (Guttenberg, 2023).
-    """
-    b, c = latents.shape[:2]
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn((b, c, 1, 1), generator=generator).to(latents)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
-    timesteps = timesteps.to(latents.device)
-    return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
 
 
 def target_for(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -9,26 +9,72 @@ from typing import Any
 import torch
 import yaml
 
-from difflora.train.outputs import atomic_save_image, atomic_write_text
+from difflora.output_dir import atomic_save_image, atomic_write_text
 
 
 def pipeline_from(base, unet, text_encoders: list, scheduler_config: dict):
-    """A sampling pipeline that shares the training modules (so the current LoRA is active)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    """A sampling pipeline that shares the training modules (so the current LoRA is active).
 
+    The modules may differ in dtype (fp16/bf16 UNet, fp32 VAE, LoRA factors and trained embedding
+    rows): the UNet and the VAE decoder take inputs of any dtype, and peft runs each LoRA factor in
+    its own dtype.
+    """
+    from diffusers import DDIMScheduler
+
+    decode_in_vae_dtype(base.vae)
+    unet_inputs_in_unet_dtype(unet)
     scheduler = DDIMScheduler.from_config(scheduler_config)
-    if base.is_sdxl:
-        pipe = StableDiffusionXLPipeline(
-            vae=base.vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
-            tokenizer=base.tokenizers[0], tokenizer_2=base.tokenizers[1], unet=unet, scheduler=scheduler,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=base.vae, text_encoder=text_encoders[0], tokenizer=base.tokenizers[0], unet=unet,
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+    pipe = base.family.pipeline(vae=base.vae, unet=unet, text_encoders=text_encoders, tokenizers=base.tokenizers,
+                                scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def decode_in_vae_dtype(vae) -> None:
+    """Make the VAE decoder cast its input to the VAE's own dtype (installed once per VAE).
+
+    Under mixed precision the UNet and text encoders hold fp16/bf16 weights while the VAE stays fp32
+    (it overflows in fp16), and a diffusers pipeline hands the VAE latents in the UNet's dtype.
+    """
+    if getattr(vae, "_difflora_decode_cast", False):
+        return
+
+    def cast(module: torch.nn.Module, args: tuple) -> tuple:
+        dtype = next(module.parameters()).dtype
+        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    for module in (getattr(vae, "post_quant_conv", None), getattr(vae, "decoder", None)):
+        if module is not None:
+            module.register_forward_pre_hook(cast)
+    vae._difflora_decode_cast = True
+
+
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    if torch.is_tensor(value):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def unet_inputs_in_unet_dtype(unet) -> None:
+    """Make the UNet cast its latents and conditioning to its own dtype (installed once per UNet).
+
+    A pipeline takes its latents' dtype from the prompt embeddings; those are fp32 when trainable
+    fp32 rows (ED-LoRA's concept tokens) sit in a frozen fp16 text encoder. The timestep is left as
+    it is. A no-op when the dtypes already agree, as they do in the training loop.
+    """
+    if getattr(unet, "_difflora_input_cast", False):
+        return
+
+    def cast(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        dtype = module.dtype  # the frozen weights' dtype (conv_in's, the first parameter)
+        # forward(sample, timestep, encoder_hidden_states, ...): all but the timestep.
+        args = tuple(_cast_floats(a, dtype) if i in (0, 2) else a for i, a in enumerate(args))
+        return args, {k: (v if k == "timestep" else _cast_floats(v, dtype)) for k, v in kwargs.items()}
+
+    unet.register_forward_pre_hook(cast, with_kwargs=True)
+    unet._difflora_input_cast = True
 
 
 @torch.no_grad()

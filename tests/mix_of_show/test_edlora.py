@@ -4,6 +4,7 @@ and the whole Mix-of-Show path (train two concepts -> fuse -> regional sampling)
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from difflora.cli import main as cli_main
 from difflora.data import ImageSet
 from difflora.errors import UserError
 from difflora.mix_of_show import edlora
+from difflora.train.engine import latent_mask
 from difflora.train.loss import diffusion_loss
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "concepts"
@@ -145,7 +147,7 @@ def test_mask_weights_the_loss_by_hand(tmp_path):
         flips.add(bool(m[0, 0, 0] == 0))  # flipped: the subject moved to the right half
     assert flips == {True, False}
     m = data.example(0, 0).mask
-    lat = edlora.latent_mask([m], (4, 4))  # 8x8-pixel cells: fully in or fully out
+    lat = latent_mask([m], (4, 4))  # 8x8-pixel cells: fully in or fully out
     pred = torch.zeros(1, 2, 4, 4)
     target = torch.arange(32, dtype=torch.float32).view(1, 2, 4, 4)
     scheduler = type("S", (), {"config": type("C", (), {"prediction_type": "epsilon"})()})()
@@ -366,3 +368,49 @@ def test_config_refuses_mismatched_initializer():
     with pytest.raises(UserError, match="one entry per concept word"):
         edlora.EDLoRAConfig(pretrained_model_name_or_path="m", instance_data_dir="d", concept_words="<a>+<b>",
                             initializer="rand").validate()
+
+
+# ---- divergence and checkpoints: the DreamBooth rules hold here too ----------------------------------
+
+
+def test_nan_loss_stops_and_names_a_finite_checkpoint(tiny_sd, tmp_path, capsys, monkeypatch):
+    from difflora.train import engine
+
+    real, calls = engine.diffusion_loss, [0]
+
+    def nan_from_the_second_step(*args, **kwargs):
+        calls[0] += 1
+        value = real(*args, **kwargs)
+        return value * math.nan if calls[0] >= 2 else value
+
+    monkeypatch.setattr(engine, "diffusion_loss", nan_from_the_second_step)
+    out = tmp_path / "out"
+    _fails([*_train_args(tiny_sd, ASSETS / "robot", out, "<r1>+<r2>"), "--checkpointing_steps", "1"], capsys,
+           "the loss became nan at step 2; the last good checkpoint is checkpoint-1")
+    assert all(torch.isfinite(v).all() for v in load_file(out / "checkpoint-1" / "weights.safetensors").values())
+    assert not (out / edlora.EDLORA_FILE).exists()
+
+
+def test_pickled_checkpoint_is_refused_and_never_unpickled(tiny_sd, tmp_path, capsys):
+    import builtins
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return builtins.open, (str(tmp_path / "pwned"), "w")
+
+    out = tmp_path / "out"
+    args = [*_train_args(tiny_sd, ASSETS / "robot", out, "<r1>+<r2>"), "--checkpointing_steps", "1",
+            "--max_train_steps", "2", "--num_validation_images", "0"]
+    cli_main(args)
+    for stem in ("optimizer", "scheduler"):
+        (out / "checkpoint-1" / f"{stem}.json").unlink()
+        (out / "checkpoint-1" / f"{stem}.pt").write_bytes(pickle.dumps(Payload()))
+    _fails([*args, "--resume_from_checkpoint", "checkpoint-1"], capsys, "old pickle format")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_config_refuses_nan_max_grad_norm():
+    with pytest.raises(UserError, match="--max_grad_norm must be a finite number"):
+        edlora.EDLoRAConfig(pretrained_model_name_or_path="m", instance_data_dir="d", initializer="rand+rand",
+                            max_grad_norm=math.nan).validate()

@@ -67,12 +67,17 @@ def test_duplicate_words_refused(two_concepts, tmp_path):
 
 
 def test_concept_for_other_base_refused(two_concepts, tiny_sdxl, tmp_path):
+    """The SD LoRAs do not fit the SDXL-layout UNet (its proj_in is a linear layer, the LoRA's a 1x1 conv):
+    the message names the concept, the layer and the fix, and nothing is written."""
+    from difflora.mix_of_show.fuse import FuseConfig, fuse
+
     base, yaml_path, _ = two_concepts
-    with pytest.raises(UserError, match="does not fit the base model|no text_encoder|not a linear"):
-        # The SD LoRAs do not fit the SDXL-layout UNet (other widths): loaded as SD folder it fails.
-        from difflora.mix_of_show.fuse import FuseConfig, fuse
+    with pytest.raises(UserError, match=r"^concept 1 \('.*c0.*'\) does not fit the base model: layer "
+                                        r"'unet\..*proj_in' has weight .* but the LoRA has down .* / up .*; "
+                                        r"use a LoRA trained on this base model$"):
         fuse(FuseConfig(concepts=str(yaml_path), pretrained_model_name_or_path=str(tiny_sdxl),
                         output_dir=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
 
 
 def test_existing_output_kept(two_concepts, tmp_path):

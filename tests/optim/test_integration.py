@@ -178,13 +178,57 @@ def test_peft_clip_text_model_with_trainable_embedding():
 
 
 def test_peft_gpt2_causal_lm():
+    """GPT-2's fused Conv1D attention (fan_in_fan_out): each step is AdamW on the hand-preconditioned gradients.
+
+    B starts non-zero so that both factors' preconditioners act from the first step; plain AdamW on
+    the raw gradients ends elsewhere, so the comparison would catch a preconditioner left out.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: the three copies see the same forward
     model = get_peft_model(GPT2LMHeadModel(cfg), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
                                                             task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    hand, plain = copy.deepcopy(model), copy.deepcopy(model)
     ids = torch.randint(0, 100, (2, 16))
-    _, losses = _train(model, lambda: model(input_ids=ids, labels=ids).loss, lr=1e-2)
+    reg, kw = 1e-2, dict(lr=1e-2, weight_decay=0.0)
+    opt = ScaledAdamW(model.named_parameters(), reg=reg, **kw)
+    assert len(opt._pairing()) == 2  # one c_attn pair per layer
+    hand_params = dict((n, p) for n, p in hand.named_parameters() if p.requires_grad)
+    hand_opt = torch.optim.AdamW(hand_params.values(), **kw)
+    plain_opt = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], **kw)
+    losses = []
+    for _ in range(5):
+        for m, o in ((model, opt), (hand, hand_opt), (plain, plain_opt)):
+            o.zero_grad()
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            if m is model:
+                losses.append(loss.item())
+        with torch.no_grad():  # the paper's formulas with explicit inverses, from the factors before the step
+            precond = {}
+            for name, a in hand_params.items():
+                if "lora_A" not in name:
+                    continue
+                b = hand_params[name.replace("lora_A", "lora_B")]
+                eye = torch.eye(a.shape[0])
+                precond[a] = torch.linalg.inv(b.T @ b + reg * eye) @ a.grad
+                precond[b] = b.grad @ torch.linalg.inv(a @ a.T + reg * eye)
+            for p, g in precond.items():
+                p.grad = g
+        for o in (opt, hand_opt, plain_opt):
+            o.step()
+    ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for name, p in hand_params.items():
+        torch.testing.assert_close(ours[name], p, rtol=1e-4, atol=1e-6)
+    hand_gap = max(float((p - q).abs().max()) for p, q in zip(ours.values(), hand_params.values()))
+    plain_gap = max(float((p - q).abs().max()) for p, q in
+                    zip(ours.values(), (p for p in plain.parameters() if p.requires_grad)))
+    assert plain_gap > 100 * max(hand_gap, 1e-7)
     assert losses[-1] < losses[0]

@@ -74,7 +74,7 @@ def test_wrong_type(db_args, capsys):
 
 
 def test_rank_must_be_positive(db_args, capsys):
-    _fails(db_args() + ["--rank", "0"], capsys, "--rank must be a positive integer")
+    _fails(db_args() + ["--rank", "0"], capsys, "--rank must be > 0")
 
 
 def test_resolution_multiple_of_8(db_args, capsys):

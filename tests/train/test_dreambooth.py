@@ -134,8 +134,3 @@ def test_sdxl_with_text_encoders(tiny_sdxl, concept_dir, tmp_path):
     pipe.load_lora_weights(out)
     after = pipe("a photo of sks star", generator=torch.Generator().manual_seed(0), **kw).images
     assert abs(after - before).max() > 1e-4
-
-
-def test_peft_riemannian_peer_runs_through_the_trainer(db_args):
-    summary = run(db_args("peft", "--optimizer", "peft_riemannian", "--learning_rate", "1e-3"))
-    assert summary["steps"] == 4
