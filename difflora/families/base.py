@@ -28,6 +28,7 @@ class ModelFamily:
     tokenizer_subfolders: tuple[str, ...] = ("tokenizer",)
     kohya_text_prefixes: tuple[str, ...] = ("lora_te_",)
     kohya_base_model_version: str = "sd_v1"
+    license: str = "creativeml-openrail-m"  # the base weights' licence, for model cards
     lora_targets_unet: dict[str, list[str]] = {}
 
     @property

@@ -17,6 +17,7 @@ class StableDiffusionXL(ModelFamily):
     tokenizer_subfolders = ("tokenizer", "tokenizer_2")
     kohya_text_prefixes = ("lora_te1_", "lora_te2_")
     kohya_base_model_version = "sdxl_base_v1-0"
+    license = "openrail++"
 
     def text_encoder_classes(self) -> list[Any]:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection

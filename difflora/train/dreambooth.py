@@ -159,7 +159,7 @@ class DreamBoothJob(TrainingJob):
         write_metrics(out / "metrics.json", metrics)
         card = config_to_dict(cfg) | {"max_train_steps": step}
         write_model_card(out, card, f"samples/step-{step}.png" if trainer.after is not None else None,
-                         summary["final_loss"])
+                         summary["final_loss"], license=self.base.family.license)
         summary["metrics"] = metrics
 
 

@@ -127,19 +127,30 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
 
 
-def write_model_card(output_dir: Path, config: dict[str, Any], grid: str | None, final_loss: float | None) -> None:
-    """A README.md that says what the LoRA is and exactly how it was trained."""
-    base = config.get("pretrained_model_name_or_path")
+def write_model_card(output_dir: Path, config: dict[str, Any], grid: str | None, final_loss: float | None,
+                     license: str | None = None) -> None:
+    """A README.md that says what the LoRA is and exactly how it was trained.
+
+    The metadata is huggingface_hub's ``ModelCardData``: ``base_model`` only when it is a hub id (a
+    local folder is not a valid Hub reference; the text names it), the family's ``license``, the
+    ``instance_prompt``. The code snippet uses the first validation prompt, not the '|'-joined list.
+    """
+    from huggingface_hub import ModelCardData
+
+    base = str(config.get("pretrained_model_name_or_path"))
+    prompt = config.get("instance_prompt")
+    first_prompt = ((config.get("validation_prompt") or "").split("|")[0].strip()) or prompt
+    data = ModelCardData(base_model=None if Path(base).exists() else base, license=license,
+                         library_name="diffusers", pipeline_tag="text-to-image",
+                         tags=["lora", "dreambooth", "difflora", "text-to-image"], instance_prompt=prompt)
     lines = [
         "---",
-        f"base_model: {base}",
-        "library_name: diffusers",
-        "tags: [lora, dreambooth, difflora, text-to-image]",
+        data.to_yaml(),
         "---",
         "",
         f"# DreamBooth LoRA for `{base}`",
         "",
-        f"Trigger prompt: **{config.get('instance_prompt')}**",
+        f"Trigger prompt: **{prompt}**",
         "",
         f"Trained with difflora's `{config.get('optimizer')}` optimizer, rank {config.get('rank')}, "
         f"{config.get('max_train_steps')} steps" + (f", final loss {final_loss:.4f}." if final_loss is not None else "."),
@@ -148,7 +159,7 @@ def write_model_card(output_dir: Path, config: dict[str, Any], grid: str | None,
         "from diffusers import DiffusionPipeline",
         f"pipe = DiffusionPipeline.from_pretrained({base!r})",
         f"pipe.load_lora_weights({str(output_dir)!r})",
-        f"image = pipe({config.get('validation_prompt') or config.get('instance_prompt')!r}).images[0]",
+        f"image = pipe({first_prompt!r}).images[0]",
         "```",
         "",
     ]
