@@ -9,6 +9,7 @@ images, and its outputs (LoRA files in diffusers and kohya format, samples, scor
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -111,8 +112,15 @@ class DreamBoothJob(TrainingJob):
     def attach(self, base: BaseModel) -> None:
         targets = LORA_TARGET_PRESETS[self.cfg.lora_targets]
         add_lora(base.unet, self.cfg.rank, self.alpha, targets["unet"])
-        for enc in self.trained_text_encoders():
+        for i, enc in enumerate(self.trained_text_encoders()):
             add_lora(enc, self.cfg.rank, self.alpha, targets["text_encoder"])
+            # Layers past those the family reads (SDXL: the first encoder's last layer) never get a
+            # gradient; they stay out of the optimizer, and DDP (which refuses such) never sees them.
+            used = base.family.text_layers_used(i, enc.config.num_hidden_layers)
+            for name, p in enc.named_parameters():
+                layer = re.search(r"\.layers\.(\d+)\.", name)
+                if "lora_" in name and layer and int(layer.group(1)) >= used:
+                    p.requires_grad_(False)
 
     def trained_text_encoders(self) -> list[nn.Module]:
         return list(self.base.text_encoders) if self.cfg.train_text_encoder else []
