@@ -112,6 +112,7 @@ def settings(quick: bool) -> dict[str, dict[str, Any]]:
 def run_one(spec: dict[str, Any], optimizer: str, lr: float, seed: int, batch_size: int) -> dict[str, Any]:
     """Train and judge one run of a setting; returns its record (JSON-ready)."""
     cfg = spec["config"]
+    cpu0 = time.process_time()
     if spec["kind"] == "clip":
         from benchmarks.claims_clip import run
 
@@ -123,6 +124,8 @@ def run_one(spec: dict[str, Any], optimizer: str, lr: float, seed: int, batch_si
 
         record = run(spec["kind"], optimizer, lr, seed, batch_size, cfg["steps"], cfg["eval_every"],
                      cfg.get("clip_scores", False), cfg.get("judge"))
+    # CPU time of this process: unlike wall time it does not count waiting for the shared cores
+    record["cpu_seconds"] = round(time.process_time() - cpu0, 2)
     return _clean({"optimizer": optimizer, "lr": lr, "seed": seed, "batch_size": batch_size, **record})
 
 

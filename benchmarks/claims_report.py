@@ -346,8 +346,17 @@ def markdown(results: dict[str, Any], notes: str = "") -> str:
         lines += [f"## {name}", "", setting.get("description", ""), ""]
         timing = setting.get("timing", {})
         if timing:
-            lines.append("Wall time (2 shared CPU cores, niced, under load from other jobs): " + "; ".join(
-                f"stage `{stage}` {t['seconds'] / 60:.1f} min for {t['runs']} runs" for stage, t in timing.items()))
+            lines.append("Time per stage (2 shared CPU cores, niced, one thread per process, under load from other "
+                         "jobs; wall time counts waiting for the cores, CPU time does not): " + "; ".join(
+                             f"`{stage}` {t['runs']} runs, wall {t['seconds'] / 60:.1f} min"
+                             for stage, t in timing.items()) + ".")
+            cpu = [r for r in setting["runs"] if r.get("cpu_seconds") is not None]
+            if cpu:
+                per_bs = "; ".join(
+                    f"batch {bs}: {np.mean([r['cpu_seconds'] for r in cpu if r['batch_size'] == bs]):.0f} s per run"
+                    for bs in setting["batch_sizes"] if any(r["batch_size"] == bs for r in cpu))
+                lines.append(f"CPU time of the {len(cpu)} runs that recorded it: "
+                             f"{sum(r['cpu_seconds'] for r in cpu) / 60:.1f} min ({per_bs}).")
             lines.append("")
         lines.append(f"Grid: optimizers {', '.join(setting['optimizers'])}; learning rates "
                      f"{', '.join(f'{x:g}' for x in sorted(setting['learning_rates']))}; batch sizes "
