@@ -75,7 +75,7 @@ class ScaledSGD(PreconditionedOptimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("ScaledSGD does not support sparse gradients")
                 params.append(p)
-                grads.append(scaled.get(p, p.grad))
+                grads.append(scaled.get(id(p), p.grad))
                 if group["momentum"] != 0:
                     bufs.append(self.state[p].get("momentum_buffer"))
             if not params:

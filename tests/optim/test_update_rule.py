@@ -88,6 +88,29 @@ def test_matches_hand_computation(kind, foreach):
             assert torch.equal(ours[n].grad, grads[n])  # .grad untouched
 
 
+def test_default_is_torch_fused_adamw_on_the_preconditioned_gradients():
+    """float32, default arguments: torch's fused AdamW (with the step on the parameter's device) fed
+    the hand-preconditioned gradients, to float32 rounding of the preconditioner."""
+    params = {n: p.detach().float().requires_grad_() for n, p in _model_params(torch.float32).items()}
+    groups, names0, names1 = _groups(params, 0.1, 0.1)
+    opt = ScaledAdamW(groups, lr=1e-2)
+    for p in params.values():
+        p.grad = torch.randn_like(p)
+    values = {n: p.detach().clone() for n, p in params.items()}
+    tilde = _hand_preconditioned(values, {n: p.grad for n, p in params.items()}, dict.fromkeys(params, 0.1))
+    ref = {n: v.clone().requires_grad_() for n, v in values.items()}
+    ref_opt = torch.optim.AdamW([{"params": [ref[n] for n in names0], "lr": 1e-2},
+                                 {"params": [ref[n] for n in names1], "lr": 3e-2, "weight_decay": 0.05}],
+                                lr=1e-2, fused=True)
+    for n in ref:
+        ref[n].grad = tilde[n]
+    opt.step()
+    ref_opt.step()
+    assert all(opt.state[p]["step"].device == p.device for p in params.values())
+    for n, p in params.items():
+        torch.testing.assert_close(p.detach(), ref[n].detach(), rtol=1e-6, atol=1e-7, msg=n)
+
+
 def test_foreach_default_follows_tensor_size_on_cpu():
     small = [torch.zeros(4, 320), torch.zeros(320, 4)]
     large = [torch.zeros(64, 1280), torch.zeros(1280, 64)]
@@ -186,10 +209,13 @@ def test_low_precision_factors_are_preconditioned_in_float32(dtype):
         p.grad = grads[n].clone()
     values = {n: p.detach().float() for n, p in params.items()}
     tilde = _hand_preconditioned(values, {n: g.float() for n, g in grads.items()}, dict.fromkeys(params, 0.1))
-    # reference: torch AdamW in the same dtype on g~ cast to the gradient dtype
+    # reference: torch's fused AdamW (the kernel ScaledAdamW uses by default; it computes in float32
+    # internally, where torch's per-tensor fp16 AdamW underflows v) in the same dtype on g~ cast to
+    # the gradient dtype
     ref = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
     ref_opt = torch.optim.AdamW([{"params": [ref[n] for n in names0], "lr": 1e-2},
-                                 {"params": [ref[n] for n in names1], "lr": 3e-2, "weight_decay": 0.05}], lr=1e-2, eps=1e-4)
+                                 {"params": [ref[n] for n in names1], "lr": 3e-2, "weight_decay": 0.05}], lr=1e-2,
+                                eps=1e-4, fused=True)
     for n in ref:
         ref[n].grad = tilde[n].to(dtype)
     opt.step()
