@@ -9,8 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_COLUMNS = ("trainer s/step", "bare s/step", "trainer / bare", "trainer peak", "bare peak")
-OPTIM_COLUMNS = ("LoRA params", "AdamW ms", "ScaledAdamW ms", "peft Riemannian ms", "ScaledAdamW / AdamW",
-                 "peft / ScaledAdamW")
+OPTIM_COLUMNS = ("LoRA params", "AdamW ms", "AdamW fused ms", "ScaledAdamW ms", "peft Riemannian ms",
+                 "ScaledAdamW / AdamW", "ScaledAdamW / AdamW fused", "peft / ScaledAdamW")
 
 
 def _tables(text: str) -> list[list[dict[str, str]]]:
@@ -30,7 +30,7 @@ def _tables(text: str) -> list[list[dict[str, str]]]:
 
 
 def _number(row: dict[str, str], prefix: str) -> float:
-    (key,) = [k for k in row if k.startswith(prefix)]
+    (key,) = [k for k in row if k == prefix] or [k for k in row if k.startswith(prefix)]
     return float(row[key].replace(",", ""))
 
 
