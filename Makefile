@@ -44,7 +44,9 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip setuptools wheel
 	$(LATEST)/bin/python -m pip install --quiet "$$(grep '^torch==' $(LOCK))"
-	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]'
+	# torch stays at the lock's build: an eager upgrade would pull a multi-GB CUDA wheel on a CPU machine
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
+		-c <(grep '^torch==' $(LOCK)) -e '.[test]'
 	@echo "packages that differ from the lock:"
 	@$(LATEST)/bin/python -m pip freeze --all --exclude-editable | sed 's/+cpu$$//' | sort \
 		| comm -13 <(grep -v '^#' $(LOCK) | sort) - || true

@@ -196,7 +196,8 @@ def dreambooth_options(optimizer: str, lr: float, seed: int, batch_size: int, st
                 captions=True, resolution=RESOLUTION, rank=4, lora_targets="attention", optimizer=optimizer,
                 learning_rate=lr, train_batch_size=batch_size, max_train_steps=steps, lr_scheduler="constant",
                 max_grad_norm=0.0, adam_weight_decay=0.0, cache_latents=True, checkpointing_steps=100_000,
-                num_validation_images=0, seed=seed, output_dir=out, overwrite=True)
+                lr_warmup_steps=0, report_to="none", num_validation_images=0, seed=seed, output_dir=out,
+                overwrite=True)
 
 
 def edlora_options(optimizer: str, lr: float, seed: int, batch_size: int, steps: int, out: Path) -> dict:
@@ -206,8 +207,8 @@ def edlora_options(optimizer: str, lr: float, seed: int, batch_size: int, steps:
                 instance_data_dir=CONCEPT, captions=True, caption_placeholder="sks", instance_prompt="a sks",
                 resolution=RESOLUTION, rank=4, optimizer=optimizer, embedding_lr=10 * lr, text_encoder_lr=lr / 10,
                 unet_lr=lr, adam_weight_decay=0.0, max_grad_norm=0.0, train_batch_size=batch_size,
-                max_train_steps=steps, checkpointing_steps=100_000, num_validation_images=0, seed=seed,
-                device="cpu", output_dir=out, overwrite=True)
+                max_train_steps=steps, checkpointing_steps=100_000, lr_warmup_steps=0, report_to="none",
+                num_validation_images=0, seed=seed, device="cpu", output_dir=out, overwrite=True)
 
 
 def run(kind: str, optimizer: str, lr: float, seed: int, batch_size: int, steps: int, eval_every: int,

@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.optimizer_overhead import UNET_TARGETS, _Holder, _params, make_factors  # noqa: E402
+from benchmarks.optimizer_overhead import UNET_TARGETS, FactorHolder, make_factors, params_with_grads  # noqa: E402
 from benchmarks.train_step import CONCEPT, peak_rss_mb  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "gpu.md"
@@ -449,14 +449,14 @@ def bench_optimizers(unet_config: dict, rank: int, warmup: int, repeats: int, de
     values = {n: v.to(device) for n, v in values.items()}
     grads = {n: g.to(device) for n, g in grads.items()}
     common = {"lr": 1e-4, "weight_decay": 1e-2}
-    holder = _Holder(values)
+    holder = FactorHolder(values)
     peft_params = list(holder.named_parameters())
     for n, p in peft_params:
         p.grad = grads[n].clone()
     opts = {
-        "AdamW": build_optimizer("adamw", _params(values, grads), **common),
-        "AdamW fused": torch.optim.AdamW([p for _, p in _params(values, grads)], fused=True, **common),
-        "ScaledAdamW": build_optimizer("scaled_adamw", _params(values, grads), reg=DEFAULT_REG, **common),
+        "AdamW": build_optimizer("adamw", params_with_grads(values, grads), **common),
+        "AdamW fused": torch.optim.AdamW([p for _, p in params_with_grads(values, grads)], fused=True, **common),
+        "ScaledAdamW": build_optimizer("scaled_adamw", params_with_grads(values, grads), reg=DEFAULT_REG, **common),
         "peft Riemannian": build_optimizer("peft_riemannian", peft_params, model=holder, reg=DEFAULT_REG, **common),
     }
     times: dict[str, list[float]] = {k: [] for k in opts}

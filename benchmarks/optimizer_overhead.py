@@ -54,7 +54,7 @@ def lora_targets() -> list[tuple[str, int, int]]:
     return out
 
 
-class _Holder(torch.nn.Module):
+class FactorHolder(torch.nn.Module):
     """LoRA factors under peft's names (``<module>.lora_A.default.weight``), for peft's factory."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -81,7 +81,7 @@ def make_factors(targets, rank: int, seed: int = 0) -> tuple[dict[str, torch.Ten
     return values, grads
 
 
-def _params(values, grads):
+def params_with_grads(values, grads):
     out = []
     for n, v in values.items():
         p = torch.nn.Parameter(v.clone())
@@ -121,14 +121,14 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 def bench_rank(targets, rank: int, repeats: int) -> dict[str, float]:
     values, grads = make_factors(targets, rank)
     opts = {
-        "ScaledAdamW": ScaledAdamW(_params(values, grads), lr=1e-4, weight_decay=1e-2),
-        "AdamW foreach": torch.optim.AdamW([p for _, p in _params(values, grads)], lr=1e-4, foreach=True),
-        "AdamW for-loop": torch.optim.AdamW([p for _, p in _params(values, grads)], lr=1e-4, foreach=False),
-        "AdamW fused": torch.optim.AdamW([p for _, p in _params(values, grads)], lr=1e-4, fused=True),
+        "ScaledAdamW": ScaledAdamW(params_with_grads(values, grads), lr=1e-4, weight_decay=1e-2),
+        "AdamW foreach": torch.optim.AdamW([p for _, p in params_with_grads(values, grads)], lr=1e-4, foreach=True),
+        "AdamW for-loop": torch.optim.AdamW([p for _, p in params_with_grads(values, grads)], lr=1e-4, foreach=False),
+        "AdamW fused": torch.optim.AdamW([p for _, p in params_with_grads(values, grads)], lr=1e-4, fused=True),
     }
     from peft.optimizers import create_riemannian_optimizer
 
-    holder = _Holder(values)
+    holder = FactorHolder(values)
     peft_grads = {n: grads[n] for n in values}
     for n, p in holder.named_parameters():
         p.grad = peft_grads[n].clone()

@@ -1,7 +1,9 @@
 """The ``difflora`` console command: one subcommand per job.
 
 Each subcommand lives in the module that owns the job and exposes ``main(argv)``; this file only
-dispatches, so importing it stays cheap and ``difflora --help`` is instant.
+dispatches, so importing it stays cheap and ``difflora --help`` is instant. A job whose module
+imports torch names its options class in :data:`LIGHT_HELP`, so ``difflora <job> --help`` prints
+from that class alone, before torch or diffusers are imported.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sample-regions": ("difflora.mix_of_show.regions", "Mix-of-Show: regionally controlled sampling"),
     "make-tiny-model": ("difflora.tiny_models", "write a tiny offline Stable Diffusion (+ CLIP) folder"),
     "demo": ("difflora.demo", "the README's main job: train the shipped concept, write samples"),
+}
+
+
+# name -> "module:class" of options that import no torch / diffusers (the job's --help prints from it).
+LIGHT_HELP: dict[str, str] = {
+    "dreambooth": "difflora.train.dreambooth_config:DreamBoothConfig",
 }
 
 
@@ -50,6 +58,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"difflora: error: unknown command '{name}'; valid commands: {', '.join(SUBCOMMANDS)}",
               file=sys.stderr)
         raise SystemExit(2)
+    if name in LIGHT_HELP and any(a in ("-h", "--help") for a in rest):
+        from difflora.config import format_help
+
+        module, cls = LIGHT_HELP[name].split(":")
+        print(format_help(getattr(importlib.import_module(module), cls), f"difflora {name}"))
+        raise SystemExit(0)
+    from difflora import console
+
+    rest, verbose = console.pop_verbose(rest)
+    console.setup(verbose)  # before the job's imports: library chatter off unless --verbose
     # The import is inside the guard too: it takes seconds (torch, diffusers), and Ctrl-C during it
     # is an interrupt like any other (one line, exit 130), not a traceback.
     exit_on_user_error(lambda: importlib.import_module(SUBCOMMANDS[name][0]).main(rest), prog=f"difflora {name}")

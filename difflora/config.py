@@ -12,6 +12,12 @@ valid keys, so a typo never silently falls back to a default. Every float option
 NaN and infinity are refused at parse time because no option gives them a meaning (options that
 can be switched off use 0 or are left unset), and a NaN would otherwise pass every ``<`` / ``>``
 range check in ``validate()`` and surface steps later as NaN weights or a crash.
+
+Paths in a config file are relative to the file: a relative value that names an existing file or
+folder beside the config is resolved against the config's folder, so a config (and the shipped
+``configs/``, in a checkout or an installed wheel) works from any working directory. Other values
+(hub ids, output folders, paths that exist only from the working directory) are kept as written.
+Every job also takes ``--verbose`` (library warnings and progress bars; see :mod:`difflora.console`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import sys
 import types
@@ -50,7 +57,7 @@ def _is_list(tp: Any) -> bool:
     return typing.get_origin(tp) in (list, tuple)
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
+def coerce_option(key: str, value: Any, tp: Any) -> Any:
     """Convert ``value`` (a string from the command line or a YAML scalar) to type ``tp``."""
     tp, optional = _unwrap_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in {"none", "null"}):
@@ -61,7 +68,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin in (list, tuple):
         (item_tp, *_) = typing.get_args(tp) or (str,)
         items = value if isinstance(value, (list, tuple)) else [value]
-        return [_coerce(key, v, item_tp) for v in items]
+        return [coerce_option(key, v, item_tp) for v in items]
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -184,7 +191,7 @@ TRAINING_BOUNDS: dict[str, tuple[float, bool, float | None]] = {
         "lr_warmup_steps", "num_class_images", "num_validation_images", "dataloader_num_workers",
         "checkpoints_total_limit", "prior_loss_weight", "adam_weight_decay", "sgd_momentum", "noise_offset",
         "text_encoder_lr", "embedding_lr", "unet_lr", "embedding_freeze_norm", "init_std", "lr_power",
-        "max_grad_norm", "optimizer_reg")},
+        "max_grad_norm", "optimizer_reg", "preconditioner_log_steps")},
     **{name: (0, False, None) for name in (
         "learning_rate", "lr_num_cycles", "adam_epsilon", "snr_gamma", "lora_alpha", "validation_inference_steps",
         "validation_steps", "validation_epochs", "rank", "train_batch_size", "gradient_accumulation_steps",
@@ -205,6 +212,31 @@ def check_bounds(cfg: Any, bounds: dict[str, tuple[float, bool, float | None]] =
             rule = f">= {low:g}" if inclusive else f"> {low:g}"
             rule += f" and < {high:g}" if high is not None else ""
             raise UserError(f"--{name} must be {rule}, got {value}")
+
+
+def _beside(value: Any, folder: Path) -> Any:
+    """``value`` resolved against ``folder`` when it is a relative path that exists there (recursing
+    into lists and mappings); anything else unchanged."""
+    if isinstance(value, dict):
+        return {k: _beside(v, folder) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_beside(v, folder) for v in value]
+    if not isinstance(value, str) or not value.strip() or "\n" in value or "://" in value or len(value) > 1024:
+        return value
+    if Path(value).is_absolute() or value in (".", ".."):
+        return value
+    candidate = folder / value
+    try:
+        exists = candidate.exists()
+    except (OSError, ValueError):
+        return value
+    return os.path.normpath(candidate) if exists else value
+
+
+def resolve_config_paths(values: dict[str, Any], config_file: str | Path) -> dict[str, Any]:
+    """The values of a config file with relative paths that exist beside it resolved against its folder."""
+    folder = Path(config_file).parent
+    return {k: _beside(v, folder) for k, v in values.items()}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -258,6 +290,8 @@ def format_help(cls: type, prog: str) -> str:
         if f.metadata.get("help"):
             entry.append(f"      {f.metadata['help']}")
         groups.setdefault(_group_of(cls, name), []).extend(entry)
+    groups.setdefault("Console", []).extend(
+        ["  --verbose", "      show the libraries' warnings, log messages and loading bars (hidden by default)"])
     for title, entries in groups.items():
         lines += [f"{title}:", *entries, ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -274,6 +308,12 @@ def parse_config(
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     fields = _fields(cls)
+    if "verbose" not in fields:
+        from difflora.console import pop_verbose, setup
+
+        argv, verbose = pop_verbose(argv)
+        if verbose:
+            setup(verbose=True)
     if any(a in ("-h", "--help") for a in argv):
         print(format_help(cls, prog))
         raise SystemExit(0)
@@ -333,7 +373,7 @@ def parse_config(
 
     merged: dict[str, Any] = {}
     if config_path is not None:
-        for key, value in load_yaml(config_path).items():
+        for key, value in resolve_config_paths(load_yaml(config_path), config_path).items():
             key = str(key).replace("-", "_")
             if key not in fields:
                 raise _unknown(key, fields)
@@ -357,7 +397,7 @@ def config_from_mapping(cls: type[C], values: dict[str, Any], source: str | None
         if key not in fields:
             raise UserError(f"unknown option '{key}'{where}; valid options: {', '.join(sorted(fields))}")
         try:
-            kwargs[key] = _coerce(key, value, fields[key].type)
+            kwargs[key] = coerce_option(key, value, fields[key].type)
         except UserError as err:
             raise UserError(f"{err}{where}") from None
     missing = [

@@ -5,6 +5,8 @@ project ships one and otherwise builds the offline tiny model, trains the checke
 with ``scaled_adamw``, and writes to ``outputs/demo/``: a grid of the concept in new contexts,
 the loss curve, ``metrics.json`` with CLIP scores before and after training, and the LoRA files.
 The demo folder is the demo's own: a rerun replaces its outputs (``--overwrite`` is implied).
+It runs from any working directory: the shipped assets are found in the checkout or, in an
+installed wheel, in the package's data (:func:`data_root`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from difflora.config import parse_config
 from difflora.errors import UserError
 from difflora.output_dir import Outputs, output_job, prepare_output_dir, safetensors_metadata
 
-ROOT = Path(__file__).resolve().parents[1]
+
+def data_root() -> Path:
+    """Where ``assets/`` and ``configs/`` are: ``difflora/_data`` in an installed wheel, else the checkout."""
+    packaged = Path(__file__).resolve().parent / "_data"
+    return packaged if (packaged / "assets").is_dir() else Path(__file__).resolve().parents[1]
+
+
+ROOT = data_root()
 # What the demo writes itself; the DreamBooth run it starts writes (and replaces) its own outputs.
 OUTPUTS = Outputs("demo", ("grid.png", "base-model"), recognise=lambda out: (
     "difflora_version" in safetensors_metadata(out / "pytorch_lora_weights.safetensors")
@@ -75,6 +84,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "--validation_prompt", " | ".join(meta["new_context_prompts"]), "--num_validation_images", "4",
         "--validation_inference_steps", "20", "--validation_guidance", "3.0", "--clip_model", str(clip),
         "--output_dir", str(out), "--overwrite",
+        # diffusers' defaults that this run does not want, stated so they cannot change it
+        "--lr_warmup_steps", "0", "--validation_epochs", "none", "--report_to", "none",
     ]
     summary = train(parse_config(DreamBoothConfig, argv))
     final_grid = out / "samples" / f"step-{summary['steps']}.png"

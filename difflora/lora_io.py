@@ -1,136 +1,48 @@
 """LoRA files: write them, read them, load several into a pipeline, turn them into weight deltas.
 
-Three on-disk layouts exist for the same numbers and users meet all of them:
+The file formats themselves (diffusers, kohya, peft) live in :mod:`difflora.formats`, one reader /
+writer each, registered by name. This module is the front every caller uses: it collects the LoRA
+layers of peft-injected models into the normalised view ``{"<component>.<module path>": LoraLayer}``,
+writes that view in the formats asked for, reads any file back into it, and loads files into
+pipelines.
 
-* **diffusers** (``pytorch_lora_weights.safetensors``): keys ``unet.<module>.lora_A.weight`` /
-  ``lora_B.weight`` (also ``text_encoder.`` and, for SDXL, ``text_encoder_2.``). The per-layer
-  scale is not in the tensors: it is stored as peft ``LoraConfig`` arguments in the safetensors
-  header (``lora_adapter_metadata``), which ``pipe.load_lora_weights`` reads. Without that header
-  the scale is 1.
-* **kohya** (``pytorch_lora_weights_kohya.safetensors``, what A1111 / ComfyUI load): keys
-  ``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, and
-  ``lora_te_`` (SD) or ``lora_te1_`` / ``lora_te2_`` (SDXL) for the text encoders. The scale is
-  ``alpha / rank`` per layer.
-* **peft** (``adapter_model.safetensors`` from ``PeftModel.save_pretrained``): ``lora_A`` /
-  ``lora_B`` keys without a component prefix (``base_model.model.`` is dropped); the scale comes
-  from ``adapter_config.json`` beside the file.
-
-Writers here never rely on a model's config to get the scale right: they read each peft layer's
-actual ``scaling`` and record it, so rsLoRA, ``rank_pattern`` and ``alpha_pattern`` survive.
-
-Module names used throughout (``lora_deltas`` keys, error messages) are
-``<component>.<module path>`` with component ``unet``, ``text_encoder`` or ``text_encoder_2``,
-the UNet path as in ``UNet2DConditionModel.named_modules()`` and the text-encoder path in the
-classic transformers spelling with ``text_model.`` (``text_encoder.text_model.encoder.layers.0.
-self_attn.q_proj``), whatever the installed transformers calls it internally.
+Writers never rely on a model's config to get the scale right: they read each peft layer's actual
+``scaling`` (and DoRA magnitude) and record it, so rsLoRA, ``rank_pattern``, ``alpha_pattern`` and
+DoRA survive every format.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import math
 import os
 import re
-from collections import Counter
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from difflora.errors import UserError
 from difflora.families import family_named
-
-logger = logging.getLogger(__name__)
-
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
-PEFT_WEIGHT_NAME = "adapter_model.safetensors"
-ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # the header key diffusers reads LoraConfig kwargs from
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-_TEXT_MODEL_PARTS = ("embeddings.", "encoder.", "final_layer_norm")
-
-
-@dataclass
-class LoraLayer:
-    """One LoRA pair in file-independent form: ``delta_W = scale * up @ down``."""
-
-    down: torch.Tensor  # (r, in) or (r, in, kh, kw)
-    up: torch.Tensor  # (out, r) or (out, r, 1, 1)
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    def delta(self) -> torch.Tensor:
-        """The dense weight update, shaped like the base layer's weight."""
-        down, up = self.down.float(), self.up.float()
-        if down.dim() == 2:
-            return self.scale * (up @ down)
-        # Conv: up is 1x1, so the product is a per-pixel matrix product over the rank.
-        return self.scale * torch.einsum("or,rikl->oikl", up.flatten(1), down)
-
-
-# ----------------------------------------------------------------------------------------------
-# Names
-# ----------------------------------------------------------------------------------------------
-
-
-def _canonical_te_path(path: str) -> str:
-    """Text-encoder module path with the ``text_model.`` prefix that every LoRA tool expects."""
-    if path.startswith(_TEXT_MODEL_PARTS):
-        return "text_model." + path
-    return path
-
-
-def _live_path(model: nn.Module, path: str) -> str:
-    """Canonical module path -> the name it has in ``model`` (recent transformers drop ``text_model.``)."""
-    if path.startswith("text_model.") and not hasattr(model, "text_model"):
-        return path[len("text_model."):]
-    return path
-
-
-def _strip_wrappers(name: str) -> str:
-    """Drop the prefixes a ``PeftModel`` wrapper adds to module names."""
-    return name.removeprefix("base_model.model.")
-
-
-# Multi-word names in diffusers / transformers module paths, so a kohya name (all dots turned into
-# underscores) can be split back without the model at hand. Longest first.
-_COMPOUNDS = sorted(
-    {
-        "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
-        "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out",
-        "time_embedding", "linear_1", "linear_2", "add_embedding", "add_k_proj", "add_v_proj",
-        "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "final_layer_norm",
-        "text_projection", "token_embedding", "position_embedding", "layer_norm1", "layer_norm2",
-        "add_q_proj", "add_out_proj",
-    },
-    key=lambda s: -s.count("_"),
+from difflora.formats import (
+    ADAPTER_METADATA_KEY,
+    COMPONENTS,
+    DIFFUSERS,
+    KOHYA,
+    PEFT,
+    LoraFormat,
+    LoraLayer,
+    detect,
+    format_named,
+    kohya_name_to_path,
+    parse_formats,
 )
-
-
-def kohya_name_to_path(name: str) -> str:
-    """``down_blocks_0_attentions_0_proj_in`` -> ``down_blocks.0.attentions.0.proj_in`` (no model needed)."""
-    tokens = name.split("_")
-    parts: list[str] = []
-    i = 0
-    while i < len(tokens):
-        for compound in _COMPOUNDS:
-            n = compound.count("_") + 1
-            if "_".join(tokens[i:i + n]) == compound:
-                parts.append(compound)
-                i += n
-                break
-        else:
-            parts.append(tokens[i])
-            i += 1
-    return ".".join(parts)
-
+from difflora.formats.base import canonical_te_path, strip_wrappers
+from difflora.formats.diffusers import MAGNITUDE_KEY, peft_magnitude
+from difflora.formats.diffusers import WEIGHT_NAME as LORA_WEIGHT_NAME
+from difflora.formats.kohya import WEIGHT_NAME as KOHYA_WEIGHT_NAME
+from difflora.formats.peft import WEIGHT_NAME as PEFT_WEIGHT_NAME
 
 # ----------------------------------------------------------------------------------------------
 # Collecting LoRA layers from peft-wrapped models
@@ -154,7 +66,9 @@ def collect_lora_layers(
 ) -> dict[str, LoraLayer]:
     """The LoRA pairs of a peft-wrapped model, keyed ``<component>.<canonical module path>``.
 
-    Reads each layer's own ``scaling`` so any peft configuration (rsLoRA, patterns) is captured.
+    Reads each layer's own ``scaling`` so any peft configuration (rsLoRA, patterns) is captured,
+    and DoRA's magnitude vector where the layer has one. Linear and conv layers alike: a conv
+    layer's factors are 4-D (``down`` ``(r, in, kh, kw)``, ``up`` ``(out, r, 1, 1)``).
     """
     from peft.tuners.lora import LoraLayer as PeftLoraLayer
 
@@ -163,15 +77,17 @@ def collect_lora_layers(
         if not isinstance(module, PeftLoraLayer) or not len(module.lora_A):
             continue
         adapter = _pick_adapter(module, adapter_name)
+        magnitude = None
         if getattr(module, "use_dora", {}).get(adapter, False):
-            logger.warning("%s uses DoRA; its magnitude vector is not saved", name)
-        path = _strip_wrappers(name)
+            magnitude = module.lora_magnitude_vector[adapter].weight.detach().reshape(-1)
+        path = strip_wrappers(name)
         if component != "unet":
-            path = _canonical_te_path(path)
+            path = canonical_te_path(path)
         out[f"{component}.{path}"] = LoraLayer(
             down=module.lora_A[adapter].weight.detach(),
             up=module.lora_B[adapter].weight.detach(),
             scale=float(module.scaling[adapter]),
+            magnitude=magnitude,
         )
     return out
 
@@ -181,55 +97,16 @@ def collect_lora_layers(
 # ----------------------------------------------------------------------------------------------
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file so that a crash never leaves a half-written file at ``path``."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(tmp),
-                  metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _most_common(values: Iterable[float]) -> float:
-    return Counter(values).most_common(1)[0][0]
-
-
-def _adapter_config(layers: dict[str, LoraLayer], component: str) -> dict[str, Any]:
-    """peft ``LoraConfig`` kwargs that rebuild exactly these layers (ranks and scales) in diffusers."""
-    names, ranks, alphas = [], {}, {}
-    for key, layer in layers.items():
-        # Suffix names without ``text_model.`` match the text encoder in every transformers version.
-        path = key[len(component) + 1:]
-        if path.startswith("text_model."):
-            path = path[len("text_model."):]
-        names.append(path)
-        ranks[path] = layer.rank
-        alphas[path] = layer.scale * layer.rank  # stored as plain alpha/r: exact for rsLoRA too
-    r = int(_most_common(ranks.values()))
-    alpha = _most_common(alphas.values())
-    return {
-        "r": r,
-        "lora_alpha": alpha,
-        "target_modules": sorted(names),
-        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
-        "use_rslora": False,
-        "use_dora": False,
-        "lora_dropout": 0.0,
-        "init_lora_weights": True,
-    }
-
-
 def _metadata_strings(extra: Mapping[str, Any] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in (extra or {}).items():
         out[str(key)] = value if isinstance(value, str) else json.dumps(value, default=str)
     return out
+
+
+def output_names(formats: str | Collection[str]) -> tuple[str, ...]:
+    """The output-folder entries that writing ``formats`` creates (for a job's ``Outputs``)."""
+    return tuple(fmt.output_name for fmt in parse_formats(formats))
 
 
 def save_lora(
@@ -238,38 +115,42 @@ def save_lora(
     text_encoder: nn.Module | None = None,
     text_encoder_2: nn.Module | None = None,
     *,
+    formats: str | Sequence[str] = ("diffusers",),
     kohya: bool = False,
     alpha: float | None = None,
     metadata: Mapping[str, Any] | None = None,
     adapter_name: str | None = None,
 ) -> list[Path]:
-    """Save the LoRA layers of peft-wrapped models; returns the files written.
+    """Save the LoRA layers of peft-wrapped models in ``formats``; returns the files written.
 
-    Writes ``pytorch_lora_weights.safetensors`` (diffusers layout; ``pipe.load_lora_weights(dir)``
-    reproduces the in-memory model exactly) and, with ``kohya=True``, also
-    ``pytorch_lora_weights_kohya.safetensors`` for A1111 / ComfyUI. ``alpha`` records that network
+    ``formats`` are registered names (:data:`difflora.formats.FORMATS`, e.g. ``"diffusers,kohya"``);
+    ``kohya=True`` adds kohya. The diffusers file (``pipe.load_lora_weights(dir)``) reproduces the
+    in-memory model exactly; the kohya file is for A1111 / ComfyUI. ``alpha`` records that network
     alpha for every layer instead of each layer's own; ``lora_B`` is rescaled so the outputs do
     not change (kohya users often expect ``alpha = 1`` or ``alpha = rank``). ``metadata`` is
-    added to both files' headers (non-strings JSON-encoded). ``text_encoder_2`` marks an SDXL
+    added to every file's header (non-strings JSON-encoded). ``text_encoder_2`` marks an SDXL
     model (kohya names ``lora_te1_`` / ``lora_te2_``).
     """
     from difflora import __version__
 
+    chosen = parse_formats(formats)
+    if kohya and KOHYA not in chosen:
+        chosen.append(KOHYA)
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"'{output_dir}' is a file; pass a folder to save the LoRA into")
     layers: dict[str, LoraLayer] = {}
+    modules: dict[str, list[str]] = {}
     for component, model in zip(COMPONENTS, (unet, text_encoder, text_encoder_2)):
         if model is not None:
             layers.update(collect_lora_layers(model, component, adapter_name))
+            modules[component] = [strip_wrappers(n) for n, _ in model.named_modules()]
     if not layers:
         raise UserError("no LoRA layers found in the models given; add LoRA adapters before saving")
     if alpha is not None:
         if alpha <= 0:
             raise UserError(f"alpha must be positive, got {alpha}")
-        layers = {
-            k: LoraLayer(v.down, v.up * (v.scale * v.rank / alpha), alpha / v.rank) for k, v in layers.items()
-        }
+        layers = {k: v.rescaled(alpha / v.rank) for k, v in layers.items()}
 
     # SDXL is told by its UNet (size / crop conditioning), not by whether a second text encoder
     # was trained: a UNet-only SDXL LoRA is still an SDXL file.
@@ -289,45 +170,28 @@ def save_lora(
         "difflora_model_type": family.name,
         **_metadata_strings(metadata),
     }
+    if any(v.magnitude is not None for v in layers.values()):
+        common["difflora_dora"] = "true"
 
     output_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-
-    tensors: dict[str, torch.Tensor] = {}
-    adapter_meta: dict[str, Any] = {}
-    for component in COMPONENTS:
-        part = {k: v for k, v in layers.items() if k.startswith(component + ".")}
-        if not part:
-            continue
-        for key, layer in part.items():
-            tensors[f"{key}.lora_A.weight"] = layer.down
-            tensors[f"{key}.lora_B.weight"] = layer.up
-        for k, v in _adapter_config(part, component).items():
-            adapter_meta[f"{component}.{k}"] = v
-    path = output_dir / LORA_WEIGHT_NAME
-    _atomic_save(tensors, path, {**common, ADAPTER_METADATA_KEY: json.dumps(adapter_meta, sort_keys=True)})
-    written.append(path)
-
-    if kohya:
-        tensors = {}
-        for key, layer in layers.items():
-            component, _, module = key.partition(".")
-            name = family.kohya_prefix(component) + module.replace(".", "_")
-            tensors[f"{name}.lora_down.weight"] = layer.down
-            tensors[f"{name}.lora_up.weight"] = layer.up
-            tensors[f"{name}.alpha"] = torch.tensor(layer.scale * layer.rank, dtype=torch.float32)
-        kohya_meta = {**common, "ss_network_module": "networks.lora", "ss_network_dim": str(ranks[-1]),
-                      "ss_network_alpha": str(alphas[-1]),
-                      "ss_base_model_version": family.kohya_base_model_version}
-        path = output_dir / KOHYA_WEIGHT_NAME
-        _atomic_save(tensors, path, kohya_meta)
-        written.append(path)
+    for fmt in chosen:
+        written += fmt.write(layers, output_dir, family=family, metadata=common, modules=modules)
     return written
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------
+
+
+class LoraFile(NamedTuple):
+    """A LoRA file as read from disk: tensors, format name, header (with sidecar entries) and path."""
+
+    state: dict[str, torch.Tensor]
+    format: str
+    header: dict[str, str]
+    file: Path
 
 
 def _resolve_file(path: str | os.PathLike) -> Path:
@@ -345,21 +209,8 @@ def _resolve_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def detect_format(keys: Iterable[str]) -> str:
-    """'kohya', 'diffusers' or 'peft' from the key names alone."""
-    keys = list(keys)
-    if not keys:
-        raise UserError("the LoRA file holds no tensors; pass a LoRA saved by a trainer")
-    if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
-        return "kohya"
-    if any(k.startswith(tuple(c + "." for c in COMPONENTS)) for k in keys):
-        return "diffusers"
-    if any(".lora_A." in k or ".lora_B." in k for k in keys):
-        return "peft"
-    raise UserError(f"'{keys[0]}' is not a LoRA key; pass a diffusers, kohya or peft LoRA file")
-
-
-def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str, dict[str, str], Path]:
+def read_lora_file(path: str | os.PathLike) -> LoraFile:
+    """Load a LoRA file (or the LoRA file in a folder) with its format and header."""
     file = _resolve_file(path)
     header: dict[str, str] = {}
     try:
@@ -375,46 +226,24 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str, dict[s
         raise UserError(f"cannot read LoRA file '{file}' ({type(err).__name__}); re-save or re-download it") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"'{file}' is not a LoRA state dict; pass a .safetensors LoRA file")
-    return state, detect_format(state.keys()), header, file
+    fmt = detect(list(state))
+    return LoraFile(state, fmt.name, {**header, **fmt.sidecar(file)}, file)
+
+
+def detect_format(keys: Iterable[str]) -> str:
+    """The registered format name ('kohya', 'diffusers', 'peft'...) from the key names alone."""
+    return detect(list(keys)).name
 
 
 def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
-    """Load a LoRA file (or the LoRA file in a folder) -> (state dict, 'diffusers'|'kohya'|'peft')."""
-    state, fmt, _, _ = _read(path)
-    return state, fmt
+    """Load a LoRA file (or the LoRA file in a folder) -> (state dict, format name)."""
+    lora = read_lora_file(path)
+    return lora.state, lora.format
 
 
 def read_lora_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The safetensors header of a LoRA file (difflora_*, ss_*, lora_adapter_metadata...)."""
-    return _read(path)[2]
-
-
-def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
-    # Same matching rule as peft: the pattern must match a dotted suffix of the module name.
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
-            return value
-    return default
-
-
-def _scale_from_config(config: Mapping[str, Any], module: str, rank: int) -> float:
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
-    cfg_rank = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank))
-    if cfg_rank != rank:
-        logger.warning("%s: rank %s in the file, %s in its config; using the file's", module, rank, cfg_rank)
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-
-
-_PAIR_SUFFIXES = (
-    (".lora_A.weight", ".lora_B.weight"),
-    (".lora_down.weight", ".lora_up.weight"),
-    (".lora.down.weight", ".lora.up.weight"),
-    (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
-)
-
-
-def _guess_component(path: str) -> str:
-    return "text_encoder" if path.startswith(("text_model.", *_TEXT_MODEL_PARTS)) else "unet"
+    return read_lora_file(path).header
 
 
 def lora_deltas(
@@ -426,80 +255,21 @@ def lora_deltas(
     """Normalise any LoRA (path or state dict) to ``{"<component>.<module path>": LoraLayer}``.
 
     ``LoraLayer.delta()`` is the dense ``scale * up @ down`` to add to the base weight. Keys are
-    the canonical names described in the module docstring, e.g.
-    ``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k`` and
-    ``text_encoder.text_model.encoder.layers.3.self_attn.q_proj``. Scales come from
-    ``.alpha`` tensors (kohya), the ``lora_adapter_metadata`` header (diffusers; pass the header
-    as ``metadata`` when giving a state dict) or ``adapter_config.json`` beside a peft file;
-    missing information means scale 1, as in diffusers. Kohya names are split back into module
-    paths with ``base_modules`` (``{"unet": unet_module_names, "text_encoder": ...}``) when
-    given, else with a table of the multi-word names diffusers and transformers use. peft
-    files carry no component: paths starting ``text_model.``/``encoder.`` go to ``text_encoder``,
-    the rest to ``unet``.
+    canonical names, e.g. ``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k`` and
+    ``text_encoder.text_model.encoder.layers.3.self_attn.q_proj``. Scales come from ``.alpha``
+    tensors (kohya), the ``lora_adapter_metadata`` header (diffusers; pass the header as
+    ``metadata`` when giving a state dict) or ``adapter_config.json`` beside a peft file; missing
+    information means scale 1, as in diffusers. Kohya names are split back into module paths with
+    ``base_modules`` (``{"unet": unet_module_names, "text_encoder": ...}``) when given, else with a
+    table of the multi-word names diffusers, transformers and the original UNet use.
     """
-    peft_config: dict[str, Any] | None = None
     if isinstance(source, Mapping):
-        state, fmt, header = dict(source), detect_format(source.keys()), dict(metadata or {})
+        state, fmt, header = dict(source), detect(list(source)), dict(metadata or {})
     else:
-        state, fmt, header, file = _read(source)
-        if fmt == "peft" and (file.parent / "adapter_config.json").is_file():
-            peft_config = json.loads((file.parent / "adapter_config.json").read_text())
-    adapter_meta = json.loads(header[ADAPTER_METADATA_KEY]) if ADAPTER_METADATA_KEY in header else {}
-
-    # Find (down, up, alpha-or-None) per raw module name.
-    raw: dict[str, dict[str, Any]] = {}
-    for key, tensor in state.items():
-        if key.endswith(".alpha"):
-            raw.setdefault(key[: -len(".alpha")], {})["alpha"] = float(tensor.item())
-            continue
-        for down_sfx, up_sfx in _PAIR_SUFFIXES:
-            if key.endswith(down_sfx):
-                raw.setdefault(key[: -len(down_sfx)], {})["down"] = tensor
-                break
-            if key.endswith(up_sfx):
-                raw.setdefault(key[: -len(up_sfx)], {})["up"] = tensor
-                break
-        else:
-            logger.warning("ignoring non-LoRA key %s", key)
-
-    lookup: dict[str, dict[str, str]] = {}
-    if fmt == "kohya" and base_modules is not None:
-        for component, names in base_modules.items():
-            canon = [n if component == "unet" else _canonical_te_path(n) for n in names]
-            lookup[component] = {n.replace(".", "_"): n for n in canon}
-
-    out: dict[str, LoraLayer] = {}
-    for name, parts in raw.items():
-        if "down" not in parts or "up" not in parts:
-            raise UserError(f"LoRA layer '{name}' has only one of its two matrices; the file is incomplete")
-        down, up = parts["down"], parts["up"]
-        rank = int(down.shape[0])
-        if fmt == "kohya":
-            prefix = next(p for p in ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_") if name.startswith(p))
-            component = {"lora_unet_": "unet", "lora_te2_": "text_encoder_2"}.get(prefix, "text_encoder")
-            flat = name[len(prefix):]
-            path = lookup.get(component, {}).get(flat) or kohya_name_to_path(flat)
-            scale = parts["alpha"] / rank if "alpha" in parts else 1.0
-        else:
-            if fmt == "diffusers":
-                component, _, path = name.partition(".")
-            else:
-                path = _strip_wrappers(name)
-                component = _guess_component(path)
-            if component != "unet":
-                path = _canonical_te_path(path)
-            if "alpha" in parts:
-                scale = parts["alpha"] / rank
-            elif fmt == "diffusers" and any(k.startswith(component + ".") for k in adapter_meta):
-                config = {k[len(component) + 1:]: v for k, v in adapter_meta.items()
-                          if k.startswith(component + ".")}
-                scale = _scale_from_config(config, path.removeprefix("text_model."), rank)
-            elif peft_config is not None:
-                scale = _scale_from_config(peft_config, path.removeprefix("text_model."), rank)
-            else:
-                scale = 1.0
-        out[f"{component}.{path}"] = LoraLayer(down=down, up=up, scale=scale)
-    return out
+        lora = read_lora_file(source)
+        state, fmt, header = lora.state, format_named(lora.format), lora.header
+    modules = {c: list(names) for c, names in base_modules.items()} if base_modules is not None else None
+    return fmt.read(state, header, modules=modules)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,8 +277,17 @@ def lora_deltas(
 # ----------------------------------------------------------------------------------------------
 
 
-def _base_layer(module: nn.Module) -> nn.Module:
-    return getattr(module, "base_layer", module)
+def live_path(model: nn.Module, path: str) -> str:
+    """Canonical module path -> the name it has in ``model`` (recent transformers drop ``text_model.``)."""
+    if path.startswith("text_model.") and not hasattr(model, "text_model"):
+        return path[len("text_model."):]
+    return path
+
+
+def module_names(pipe: Any) -> dict[str, list[str]]:
+    """``{component: module names}`` of a pipeline, the ``base_modules`` that :func:`lora_deltas` takes."""
+    return {c: [n for n, _ in getattr(pipe, c).named_modules()] for c in COMPONENTS
+            if getattr(pipe, c, None) is not None}
 
 
 def check_fits(layers: Mapping[str, LoraLayer], pipe: Any, source: str = "LoRA") -> None:
@@ -521,11 +300,11 @@ def check_fits(layers: Mapping[str, LoraLayer], pipe: Any, source: str = "LoRA")
             raise UserError(f"{source} has layer '{key}' but the pipeline has no {component}; "
                             "use a LoRA trained for this kind of model")
         try:
-            module = _base_layer(model.get_submodule(_live_path(model, path)))
+            module = model.get_submodule(live_path(model, path))
         except AttributeError:
             raise UserError(f"{source} does not fit the base model: layer '{key}' does not exist in it; "
                             "use a LoRA trained on this base model") from None
-        weight = getattr(module, "weight", None)
+        weight = getattr(getattr(module, "base_layer", module), "weight", None)
         if weight is None or weight.dim() not in (2, 4):
             raise UserError(f"{source}: layer '{key}' is not a linear or conv layer in the base model; "
                             "use a LoRA trained on this base model")
@@ -540,14 +319,9 @@ def check_fits(layers: Mapping[str, LoraLayer], pipe: Any, source: str = "LoRA")
             )
 
 
-def _module_names(pipe: Any) -> dict[str, list[str]]:
-    return {c: [n for n, _ in getattr(pipe, c).named_modules()] for c in COMPONENTS
-            if getattr(pipe, c, None) is not None}
-
-
 def _adapter_name(file: Path, taken: set[str]) -> str:
-    stem = re.sub(r"[^A-Za-z0-9_]", "_", file.parent.name if file.name in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME)
-                  else file.stem) or "lora"
+    generic = (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME, PEFT_WEIGHT_NAME)
+    stem = re.sub(r"[^A-Za-z0-9_]", "_", file.parent.name if file.name in generic else file.stem) or "lora"
     name, i = stem, 1
     while name in taken:
         i += 1
@@ -555,43 +329,51 @@ def _adapter_name(file: Path, taken: set[str]) -> str:
     return name
 
 
-def apply_loras(pipe: Any, loras: list[tuple[str | os.PathLike, float]]) -> list[str]:
-    """Load several LoRA files (diffusers, kohya or peft) into ``pipe`` with one weight each.
+def _diffusers_state(layers: Mapping[str, LoraLayer]) -> dict[str, torch.Tensor]:
+    """A header-free diffusers state dict of ``layers`` (each scale folded into ``lora_B``)."""
+    state: dict[str, torch.Tensor] = {}
+    for key, layer in layers.items():
+        state[f"{key}.lora_A.weight"] = layer.down
+        state[f"{key}.lora_B.weight"] = layer.up * layer.scale
+        if layer.magnitude is not None:
+            state[f"{key}.{MAGNITUDE_KEY}"] = peft_magnitude(layer)
+    return state
 
-    Every file is checked against the pipeline first, so a LoRA for another base model fails with
-    the name of the first layer that does not fit, before anything is loaded. Each file becomes a
-    named adapter (returned, in order) and ``pipe.set_adapters`` activates them together, so the
-    layer computes ``W0 + sum_i weight_i * delta_W_i``.
+
+def apply_loras(pipe: Any, loras: list[tuple[str | os.PathLike, float]]) -> list[str]:
+    """Load several LoRA files (any registered format) into ``pipe`` with one weight each.
+
+    Every file is read and checked against the pipeline first, so a LoRA for another base model
+    fails with the name of the first layer that does not fit, before anything is loaded. Each
+    file becomes a named adapter (returned, in order) and ``pipe.set_adapters`` activates them
+    together, so the layer computes ``W0 + sum_i weight_i * delta_W_i``.
     """
     if not loras:
         return []
-    names_in_pipe = _module_names(pipe)
+    names_in_pipe = module_names(pipe)
     prepared = []
     for path, weight in loras:
-        state, fmt, header, file = _read(path)
-        sgm = fmt == "kohya" and any(b in k for k in state for b in ("input_blocks", "output_blocks"))
-        if not sgm:  # original-UNet (SGM) block names: diffusers renames them itself, so trust it
-            check_fits(lora_deltas(state, names_in_pipe, metadata=header), pipe, source=f"LoRA '{file}'")
-        prepared.append((file, fmt, float(weight)))
+        lora = read_lora_file(path)
+        layers = format_named(lora.format).read(lora.state, lora.header, modules=names_in_pipe)
+        check_fits(layers, pipe, source=f"LoRA '{lora.file}'")
+        prepared.append((lora.file, layers, float(weight)))
 
     taken = set()
     if hasattr(pipe, "get_list_adapters"):
         for names in pipe.get_list_adapters().values():
             taken.update(names)
     adapters: list[str] = []
-    for file, fmt, _ in prepared:
+    for file, layers, _ in prepared:
         name = _adapter_name(file, taken)
         taken.add(name)
-        if fmt == "peft":
-            # diffusers wants component prefixes; rebuild them from our normalised view.
-            layers = lora_deltas(file)
-            state = {}
-            for key, layer in layers.items():
-                state[f"{key}.lora_A.weight"] = layer.down
-                state[f"{key}.lora_B.weight"] = layer.up * layer.scale
-            pipe.load_lora_weights(state, adapter_name=name)
-        else:
-            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+        # Every format goes through the normalised view, so diffusers sees one layout it knows.
+        pipe.load_lora_weights(_diffusers_state(layers), adapter_name=name)
         adapters.append(name)
     pipe.set_adapters(adapters, adapter_weights=[w for *_, w in prepared])
     return adapters
+
+
+__all__ = ["ADAPTER_METADATA_KEY", "COMPONENTS", "DIFFUSERS", "KOHYA", "KOHYA_WEIGHT_NAME", "LORA_WEIGHT_NAME",
+           "PEFT", "PEFT_WEIGHT_NAME", "LoraFile", "LoraFormat", "LoraLayer", "apply_loras", "check_fits",
+           "collect_lora_layers", "detect_format", "kohya_name_to_path", "live_path", "lora_deltas",
+           "module_names", "output_names", "read_lora", "read_lora_file", "read_lora_metadata", "save_lora"]

@@ -20,7 +20,10 @@ from difflora.families import ModelFamily, family_for
 
 # Target presets: module-name suffixes that peft matches. "attention" is diffusers' default;
 # "all-linear" follows kohya's LoRA-C3Lier-free default (every linear layer of the transformer
-# blocks plus the 1x1 convolutions around them).
+# blocks plus the 1x1 convolutions around them). "all-linear+conv" is LoCon / C3Lier: all-linear
+# plus the 3x3 convolutions kohya adapts when given a conv_dim -- conv1 / conv2 of every ResNet
+# block and the down- / upsamplers' conv. Like kohya, not conv_in / conv_out: they map to and from
+# the 4 latent channels, where a rank-r update is nearly full rank and lives outside the blocks.
 LORA_TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
     "attention": {
         "unet": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -35,6 +38,10 @@ LORA_TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
                  "conv_shortcut", "time_emb_proj"],
         "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     },
+}
+LORA_TARGET_PRESETS["all-linear+conv"] = {
+    "unet": [*LORA_TARGET_PRESETS["all-linear"]["unet"], "conv1", "conv2", "conv"],
+    "text_encoder": list(LORA_TARGET_PRESETS["all-linear"]["text_encoder"]),
 }
 
 @dataclass
@@ -110,18 +117,25 @@ def load_base_model(path: str, revision: str | None = None, variant: str | None 
                      tokenizers=tokenizers, text_encoders=text_encoders)
 
 
-def add_lora(module: nn.Module, rank: int, alpha: float, targets: list[str], adapter_name: str = "default") -> int:
+def add_lora(module: nn.Module, rank: int, alpha: float, targets: list[str] | str, adapter_name: str = "default",
+             use_dora: bool = False) -> int:
     """Attach a LoRA adapter to ``module`` and return how many layers it wraps.
 
     B starts at zero (the model is unchanged at step 0) and A Gaussian, as in diffusers.
+    ``use_dora``: DoRA (Liu et al., 2024), peft's ``use_dora``: each layer also trains a magnitude
+    vector ``lora_magnitude_vector`` (initialised to the base weight's norms, so again the model is
+    unchanged at step 0). The scaled optimizers precondition only the ``lora_A`` / ``lora_B`` pair;
+    the magnitude is not a factor pair and gets the plain AdamW / SGD rule.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets,
+                        use_dora=use_dora)
     try:
         # peft itself, not transformers' ``add_adapter``: that integration gates on its own minimum
         # peft version (transformers 5.24 asks for a peft that is not released), and diffusers'
-        # loaders inject the same way. The base weights stay frozen; only lora_A/lora_B train.
+        # loaders inject the same way. The base weights stay frozen; only the adapter (lora_A / lora_B
+        # and, with DoRA, lora_magnitude_vector) trains.
         inject_adapter_in_model(config, module, adapter_name=adapter_name)
     except ValueError as err:
         raise UserError(f"cannot attach LoRA to {type(module).__name__}: {str(err).splitlines()[0]}") from None

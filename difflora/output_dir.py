@@ -27,7 +27,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -463,26 +463,36 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write through a temporary file so a killed run never leaves half a file."""
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` to a temporary name beside ``path``, then rename it over ``path``: a killed run
+    never leaves half a file, and a failed write leaves no temporary behind. The temporary keeps
+    ``path``'s suffix, so writers that pick a format from it (PIL, matplotlib) still do."""
     tmp = temp_path(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write` of a UTF-8 text."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_save_image(image: Any, path: Path) -> None:
-    """Save a PIL image through a temporary file (its suffix kept so PIL picks the format)."""
-    tmp = temp_path(path)
-    try:
-        image.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    """:func:`atomic_write` of a PIL image."""
+    atomic_write(path, image.save)
+
+
+def atomic_save_safetensors(path: Path, tensors: Mapping[str, Any],
+                            metadata: Mapping[str, str] | None = None) -> None:
+    """:func:`atomic_write` of a safetensors file (tensors copied to contiguous CPU memory first)."""
+    from safetensors.torch import save_file
+
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=dict(metadata) if metadata else None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,5 +514,6 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
 
 
 __all__ = ["CHECKPOINT_PATTERN", "LOCK_NAME", "MIN_FREE_BYTES", "RECORD_NAME", "Outputs", "atomic_save_image",
-           "atomic_write_text", "check_removable", "claim_outputs", "owned_entries", "prepare_output_dir",
-           "release_output_dir", "output_job", "remove_entry", "safetensors_metadata", "temp_path"]
+           "atomic_save_safetensors", "atomic_write_text", "check_removable", "claim_outputs", "owned_entries",
+           "prepare_output_dir", "release_output_dir", "output_job", "remove_entry", "safetensors_metadata",
+           "temp_path"]

@@ -21,7 +21,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -29,9 +28,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from difflora.config import _coerce, check_device, check_image_size, config_to_dict, parse_config
+from difflora.config import check_device, check_image_size, coerce_option, config_to_dict, parse_config
 from difflora.errors import UserError
-from difflora.output_dir import Outputs, output_job, prepare_output_dir
+from difflora.output_dir import (
+    Outputs,
+    atomic_save_image,
+    atomic_write,
+    atomic_write_text,
+    output_job,
+    prepare_output_dir,
+)
 
 ROW_FILE = "sweep_row.json"
 GRID_KEYS = ("optimizer", "learning_rate", "seed", "output_dir")
@@ -96,7 +102,7 @@ def eval_settings(cfg: SweepConfig) -> SweepEval:
         key = str(key).replace("-", "_")
         if key not in known:
             raise UserError(f"unknown eval option '{key}'; valid: {', '.join(sorted(known))}")
-        kwargs[key] = _coerce(f"eval.{key}", value, hints[key])
+        kwargs[key] = coerce_option(f"eval.{key}", value, hints[key])
     ev = SweepEval(**kwargs)
     if not ev.clip_model:
         raise UserError("eval.clip_model is missing; give a CLIP folder or hub id")
@@ -144,12 +150,6 @@ def dreambooth_argv(base: dict[str, Any], **per_run: Any) -> list[str]:
     return argv
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _hash(settings: dict) -> str:
     """A short fingerprint of settings, to notice a sweep file edited between reruns."""
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -185,9 +185,7 @@ def _score_run(run_dir: Path, db_cfg, ev: SweepEval, templates: list[str], pipes
     finally:
         pipe.delete_adapters(adapters)
     grid = make_grid(rows, prompts, [f"seed {s}" for s in ev.seeds])
-    tmp = run_dir / ".sweep_samples.tmp.png"
-    grid.save(tmp)
-    os.replace(tmp, run_dir / "sweep_samples.png")
+    atomic_save_image(grid, run_dir / "sweep_samples.png")
     clip_texts = [t.format(ev.clip_concept or ev.concept) for t in templates for _ in ev.seeds]
     reference = load_images(db_cfg.instance_data_dir, "instance", "base.instance_data_dir")
     images = [im for row in rows for im in row]
@@ -248,10 +246,8 @@ def plot_metric(rows: list[dict], key: str, path: Path, ylabel: str, log_y: bool
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
+    atomic_write(path, fig.savefig)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def summarise(rows: list[dict], metrics: list[str]) -> dict[str, dict[str, Any]]:
@@ -303,14 +299,15 @@ def summary_markdown(rows: list[dict], summary: dict[str, dict[str, Any]], metri
 
 def _write_results(out: Path, rows: list[dict], metrics: list[str], plots: bool = True) -> None:
     """results.csv and summary.md (after every run, so they are always current); plots at the end."""
-    tmp = out / ".results.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
-    os.replace(tmp, out / "results.csv")
-    _atomic_write(out / "summary.md", summary_markdown(rows, summarise(rows, metrics), metrics))
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+
+    atomic_write(out / "results.csv", write_csv)
+    atomic_write_text(out / "summary.md", summary_markdown(rows, summarise(rows, metrics), metrics))
     if plots:
         for key in metrics:
             plot_metric(rows, key, out / f"plot_{key}.png", f"{key.replace('_', '-').upper()} (cosine)")
@@ -385,7 +382,7 @@ def sweep(cfg: SweepConfig) -> list[dict]:
                        seconds=round(summary.get("seconds") or 0.0, 2))
             row.update(_score_run(run_dir, db_cfg, ev, templates, pipes))
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(done, json.dumps(row, indent=2) + "\n")
+        atomic_write_text(done, json.dumps(row, indent=2) + "\n")
         rows.append(row)
         _write_results(out, rows, metrics, plots=False)
     _write_results(out, rows, metrics)

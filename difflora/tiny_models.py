@@ -139,7 +139,7 @@ def _vae(resolution: int):
     )
 
 
-def _scheduler(prediction_type: str):
+def tiny_scheduler(prediction_type: str):
     from diffusers import DDIMScheduler
 
     # SD 1.5's published noise schedule.
@@ -222,13 +222,13 @@ def make_tiny_model(
         tokenizer_2 = _load_tokenizer(write_clip_tokenizer(directory / "tokenizer_2"))
         pipe = StableDiffusionXLPipeline(
             vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2, unet=unet, scheduler=_scheduler(prediction_type),
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=tiny_scheduler(prediction_type),
         )
     else:
         unet = _unet(False, prediction_type, 32, resolution // 2)
         pipe = StableDiffusionPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-            scheduler=_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
+            scheduler=tiny_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
     pipe.save_pretrained(directory, safe_serialization=True)

@@ -44,7 +44,7 @@ from difflora.errors import UserError
 from difflora.families import Conditioning, ModelFamily, family_named, family_of_pipeline
 from difflora.models import BaseModel
 from difflora.output_dir import CHECKPOINT_PATTERN, Outputs, output_job, safetensors_metadata
-from difflora.train.engine import Callback, Stream, Trainer, TrainingJob
+from difflora.train.engine import EMA_DIR, Callback, Stream, Trainer, TrainingJob
 from difflora.train.options import TrainingOptions, option
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ EMBEDDING_PREFIX = "edlora_embeddings."  # tensor key per word: (layers, width),
 POOLED_RULE = "layer_mean"  # how the pooled text embedding is made from the layer-wise prompts (SDXL)
 _WORD = re.compile(r"^<[A-Za-z0-9_\-]+>$")
 # Everything a run writes at the top of output_dir: what --overwrite replaces, and nothing else.
-OUTPUTS = Outputs("edlora", (EDLORA_FILE, "samples", "loss.png", "metrics.json"), patterns=(CHECKPOINT_PATTERN,),
+OUTPUTS = Outputs("edlora", (EDLORA_FILE, "samples", "loss.png", "metrics.json", EMA_DIR),
+                  patterns=(CHECKPOINT_PATTERN,),
                   marker=EDLORA_FILE, recognise=lambda out: META_KEY in safetensors_metadata(out / EDLORA_FILE))
 
 
@@ -100,6 +101,9 @@ class EDLoRAConfig(TrainingOptions):
 
     def validate(self) -> None:
         self.validate_shared()
+        if self.use_dora:  # fusion merges concepts as deltas B A; a DoRA update also needs its magnitude
+            raise UserError("--use_dora is not available for ED-LoRA: the concept file and 'difflora fuse' "
+                            "hold plain LoRA deltas (B A), not DoRA magnitudes; train without --use_dora")
         words = self.words
         if len(self.initializers) != len(words) or not all(self.initializers):
             raise UserError(f"--initializer needs one entry per concept word ({len(words)}), e.g. 'rand+dog'; "
@@ -362,24 +366,22 @@ def save_edlora(path: Path, words: list[str], tokens: dict[str, list[str]], embe
     ``extra_encoders`` are the further text encoders (SDXL's ``text_encoder_2``) with their rows;
     their LoRA keys start ``text_encoder_2.`` and their rows ``edlora_embeddings_2.``.
     """
-    from difflora.lora_io import ADAPTER_METADATA_KEY, _adapter_config, _atomic_save, collect_lora_layers
+    from difflora.formats import DIFFUSERS
+    from difflora.lora_io import collect_lora_layers
+    from difflora.output_dir import atomic_save_safetensors
 
     encoders = [(text_encoder, embeddings), *extra_encoders]
     components = ["text_encoder"] + [f"text_encoder_{i + 1}" for i in range(1, len(encoders))]
     tensors: dict[str, torch.Tensor] = {f"{embedding_prefix(i)}{w}": rows[w].float()
                                         for i, (_, rows) in enumerate(encoders) for w in words}
-    adapter: dict[str, Any] = {}
+    lora = {}
     for component, model in (("unet", unet), *((c, e) for c, (e, _) in zip(components, encoders))):
-        part = collect_lora_layers(model, component)
-        for key, layer in part.items():
-            tensors[f"{key}.lora_A.weight"] = layer.down
-            tensors[f"{key}.lora_B.weight"] = layer.up
-        if part:
-            adapter.update({f"{component}.{k}": v for k, v in _adapter_config(part, component).items()})
+        lora.update(collect_lora_layers(model, component))
+    lora_tensors, lora_header = DIFFUSERS.encode(lora)  # the LoRA part is in the diffusers layout
     meta = {"concept_words": words, "tokens": tokens, "layers": layers, "text_encoders": components, **info}
-    _atomic_save(tensors, path, {"format": "pt", META_KEY: json.dumps(meta),
-                                 ADAPTER_METADATA_KEY: json.dumps(adapter, sort_keys=True),
-                                 "difflora_base_model": str(info.get("base_model", ""))})
+    atomic_save_safetensors(path, {**tensors, **lora_tensors},
+                            {"format": "pt", META_KEY: json.dumps(meta), **lora_header,
+                             "difflora_base_model": str(info.get("base_model", ""))})
     return path
 
 
@@ -482,14 +484,11 @@ class EDLoRAJob(TrainingJob):
 
     def load_data(self) -> list[Stream]:
         from difflora.config import check_device
-        from difflora.data import load_image_set
+        from difflora.data import load_training_images
 
         cfg = self.cfg
         check_device(cfg.device)
-        images = load_image_set(cfg.instance_data_dir, cfg.instance_prompt, cfg.resolution,
-                                center_crop=cfg.center_crop or cfg.cache_latents, random_flip=cfg.random_flip,
-                                captions=cfg.captions, seed=cfg.seed, caption_dir=cfg.caption_dir,
-                                mask_dir=cfg.mask_dir)
+        images = load_training_images(cfg, cfg.instance_prompt, captions=cfg.captions, caption_dir=cfg.caption_dir)
         images.prompts = [_placeholder(p, cfg, f"caption of '{path.name}'")
                           for p, path in zip(images.prompts, images.paths)]
         self._validation_prompts = [_placeholder(p.strip(), cfg, "validation prompt")
@@ -597,6 +596,16 @@ class EDLoRAJob(TrainingJob):
     def save(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         from difflora.train.validation import write_metrics
 
+        (path,) = self.save_weights(trainer, trainer.out)
+        summary.update(file=str(path), embedding_norm=self.embedding.mean_norm(),
+                       embeddings_frozen_at=self.frozen[0], tokens=sum(len(t) for t in self.tokens.values()))
+        if len(self.embeddings) > 1:
+            summary.update(embedding_norms=dict(zip(self.components, (e.mean_norm() for e in self.embeddings))),
+                           embeddings_frozen_at_encoders=dict(zip(self.components, self.frozen)))
+        write_metrics(trainer.out / "metrics.json",
+                      {**summary, "losses": trainer.losses, "config": config_to_dict(self.cfg)})
+
+    def save_weights(self, trainer: Trainer, folder: Path) -> list[Path]:
         cfg, words, n = self.cfg, self.cfg.words, len(self.layers)
         unet, encoders = trainer.unwrapped()
         tables = []
@@ -608,15 +617,11 @@ class EDLoRAJob(TrainingJob):
                 "initializer": cfg.initializers, "embeddings_frozen_at": self.frozen[0]}
         if len(self.embeddings) > 1:
             info.update(embeddings_frozen_at_encoders=dict(zip(self.components, self.frozen)), pooled=POOLED_RULE)
-        path = save_edlora(trainer.out / EDLORA_FILE, words, self.tokens, tables[0], unet, encoders[0],
-                           self.layers, info, extra_encoders=list(zip(encoders[1:], tables[1:])))
-        summary.update(file=str(path), embedding_norm=self.embedding.mean_norm(),
-                       embeddings_frozen_at=self.frozen[0], tokens=sum(len(t) for t in self.tokens.values()))
-        if len(self.embeddings) > 1:
-            summary.update(embedding_norms=dict(zip(self.components, (e.mean_norm() for e in self.embeddings))),
-                           embeddings_frozen_at_encoders=dict(zip(self.components, self.frozen)))
-        write_metrics(trainer.out / "metrics.json",
-                      {**summary, "losses": trainer.losses, "config": config_to_dict(cfg)})
+        if cfg.use_ema:
+            info["ema"] = folder == trainer.out / EMA_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        return [save_edlora(folder / EDLORA_FILE, words, self.tokens, tables[0], unet, encoders[0],
+                            self.layers, info, extra_encoders=list(zip(encoders[1:], tables[1:])))]
 
 
 @output_job

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from difflora.config import check_device, check_image_size, config_to_dict, parse_config, read_text
 from difflora.errors import UserError
 from difflora.families import Conditioning, ModelFamily, family_of_folder, family_of_pipeline
-from difflora.lora_io import LoraLayer, _live_path, _module_names, _read, check_fits, lora_deltas
+from difflora.lora_io import LoraLayer, check_fits, live_path, lora_deltas, module_names, read_lora_file
 from difflora.mix_of_show import edlora
 from difflora.mix_of_show.fusion import (
     DEFAULT_RIDGE,
@@ -198,14 +198,14 @@ def _concept_entries(path: str) -> list[dict[str, Any]]:
 
 def load_concepts(path: str, pipe: Any) -> list[Concept]:
     """Read the concepts YAML, check every file fits ``pipe`` and that no two concepts share words."""
-    names = _module_names(pipe)
+    names = module_names(pipe)
     concepts: list[Concept] = []
     for i, entry in enumerate(_concept_entries(path)):
         scale = entry["scale"]
         if edlora.is_edlora_file(entry["lora"]):
             concepts.append(_edlora_concept(i, entry, scale, pipe, names))
             continue
-        state, fmt, header, file = _read(entry["lora"])
+        state, fmt, header, file = read_lora_file(entry["lora"])
         if "words" not in entry:
             raise UserError(f"concept {i + 1}: '{file}' is a plain LoRA; give its trigger words, "
                             "e.g. words: 'sks dog'")
@@ -323,7 +323,7 @@ class _Weights:
         for key in keys:
             component, _, path = key.partition(".")
             model = getattr(pipe, component)
-            self.modules[key] = model.get_submodule(_live_path(model, path))
+            self.modules[key] = model.get_submodule(live_path(model, path))
         self.base = {k: m.weight.detach().clone() for k, m in self.modules.items()}
         self.fused: dict[str, torch.Tensor] = {}
 

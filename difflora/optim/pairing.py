@@ -15,7 +15,8 @@ Recognised conventions (``A`` = down projection, ``r x in``; ``B`` = up projecti
 * diffusers' older processors: ``...to_q_lora.down.weight`` / ``...to_q_lora.up.weight`` and
   ``...lora_layer.down.weight`` / ``...lora_layer.up.weight``.
 
-Anything else (token embeddings, DoRA magnitudes, biases) is a plain parameter.
+Anything else (token embeddings, DoRA magnitudes -- peft's ``lora_magnitude_vector`` --, biases) is a
+plain parameter.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from difflora.toy.world import BACKGROUNDS, COLOURS, Scene, Shape, _article, render, shape_mask
+from difflora.toy.world import BACKGROUNDS, COLOURS, Scene, Shape, article, render, shape_mask
 
 CONCEPT_BACKGROUNDS = ("white", "grey", "pale blue", "pale green", "pale yellow")
 N_IMAGES = 5
@@ -39,7 +39,7 @@ class Concept:
         return f"{self.trigger} {self.class_word}"
 
     def caption(self, background: str) -> str:
-        return f"{_article(self.trigger)} {self.subject()} on a {background} background"
+        return f"{article(self.trigger)} {self.subject()} on a {background} background"
 
 
 CONCEPTS: dict[str, Concept] = {

@@ -92,7 +92,7 @@ class ClipPretrainConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-def _article(phrase: str) -> str:
+def article(phrase: str) -> str:
     return "an" if phrase[0] in "aeiou" else "a"
 
 
@@ -108,8 +108,8 @@ def caption_variants(scene: Scene) -> list[str]:
     obj = scene.objects[0]
     core = " ".join(w for w in (obj.colour, obj.shape))
     sized = " ".join(w for w in (obj.size, obj.colour, obj.shape) if w)
-    out = [full, f"{_article(core)} {core}", f"{_article(sized)} {sized}",
-           f"{_article(core)} {core} on a {scene.background} background", *shape_variants(scene)]
+    out = [full, f"{article(core)} {core}", f"{article(sized)} {sized}",
+           f"{article(core)} {core} on a {scene.background} background", *shape_variants(scene)]
     return list(dict.fromkeys(out))
 
 
@@ -118,9 +118,9 @@ def shape_variants(scene: Scene) -> list[str]:
     if len(scene.objects) != 1:
         return []
     obj = scene.objects[0]
-    out = [f"{_article(obj.shape)} {obj.shape}"]
+    out = [f"{article(obj.shape)} {obj.shape}"]
     if obj.size:
-        out.append(f"{_article(obj.size)} {obj.size} {obj.shape}")
+        out.append(f"{article(obj.size)} {obj.size} {obj.shape}")
     return out
 
 
@@ -131,7 +131,7 @@ _RECOLOURINGS = ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 def retrieval_prompts() -> tuple[list[str], list[tuple[str, str]]]:
     """Every ``"a {colour} {shape}"`` prompt (all colours x all shapes) and its (colour, shape)."""
     pairs = [(c, s) for c in COLOURS for s in SHAPES]
-    return [f"{_article(c)} {c} {s}" for c, s in pairs], pairs
+    return [f"{article(c)} {c} {s}" for c, s in pairs], pairs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def _to_pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-class _Tokens:
+class Tokens:
     """Caption -> token ids, cached (the slow tokenizer would dominate a small step)."""
 
     def __init__(self, tokenizer) -> None:
@@ -204,11 +204,11 @@ def _features(out) -> torch.Tensor:
     return out.pooler_output if getattr(out, "pooler_output", None) is not None else out[0]
 
 
-def _embed_images(model, pixels: torch.Tensor) -> torch.Tensor:
+def embed_images(model, pixels: torch.Tensor) -> torch.Tensor:
     return F.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)
 
 
-def _embed_text(model, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+def embed_text(model, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.normalize(_features(model.get_text_features(**tokens)), dim=-1)
 
 
@@ -248,7 +248,7 @@ def single_object_set(seed: int, split: str, n: int, size: int = 32) -> tuple[np
 
 
 @torch.no_grad()
-def retrieval_accuracy(model, tokens: _Tokens, images: np.ndarray,
+def retrieval_accuracy(model, tokens: Tokens, images: np.ndarray,
                        labels: list[tuple[str, str]]) -> dict[str, float]:
     """Top-1 accuracy of ranking all 'a {colour} {shape}' prompts for each image.
 
@@ -257,8 +257,8 @@ def retrieval_accuracy(model, tokens: _Tokens, images: np.ndarray,
     prompts, pairs = retrieval_prompts()
     was_training = model.training
     model.eval()
-    txt = _embed_text(model, tokens(prompts))
-    img = torch.cat([_embed_images(model, _to_pixels(images[i:i + 256])) for i in range(0, len(images), 256)])
+    txt = embed_text(model, tokens(prompts))
+    img = torch.cat([embed_images(model, _to_pixels(images[i:i + 256])) for i in range(0, len(images), 256)])
     best = (img @ txt.t()).argmax(1).tolist()
     model.train(was_training)
     top = [pairs[b] for b in best]
@@ -306,7 +306,7 @@ def pretrain_clip(cfg: ClipPretrainConfig, progress: bool = True, log_file: str 
     tmp = out.with_name(out.name + ".tmp")
     tok_dir = write_clip_tokenizer(tmp / "_tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    tokens = _Tokens(tokenizer)
+    tokens = Tokens(tokenizer)
     model = build_toy_clip(cfg, len(tokenizer))
 
     world = ToyWorld(seed=cfg.seed, size=cfg.image_size, split="train", relation_prob=cfg.relation_prob)
@@ -351,8 +351,8 @@ def pretrain_clip(cfg: ClipPretrainConfig, progress: bool = True, log_file: str 
         captions = [pyrng.choice(a) for a in allowed]
         allowed = [set(a) for a in allowed]
         positives = torch.tensor([[c in a for c in captions] for a in allowed])
-        img = _embed_images(model, _to_pixels(batch))
-        txt = _embed_text(model, tokens(captions))
+        img = embed_images(model, _to_pixels(batch))
+        txt = embed_text(model, tokens(captions))
         loss = contrastive_loss(img, txt, positives, model.logit_scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -423,7 +423,7 @@ def evaluate_clip(model_dir: str | Path, seed: int = 12345, n: int = 1200) -> di
     from transformers import CLIPModel, CLIPTokenizer
 
     model = CLIPModel.from_pretrained(model_dir).eval()
-    tokens = _Tokens(CLIPTokenizer.from_pretrained(model_dir))
+    tokens = Tokens(CLIPTokenizer.from_pretrained(model_dir))
     result = {"seed": seed, "candidates": len(retrieval_prompts()[0]), "held_out_pairs": [list(p) for p in HELD_OUT]}
     for split in ("held_out", "train"):
         images, labels = single_object_set(seed, split, n)

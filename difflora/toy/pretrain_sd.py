@@ -45,14 +45,14 @@ from tqdm.auto import tqdm
 
 from difflora.errors import UserError
 from difflora.toy.pretrain import (
-    _article,
+    article,
     caption_variants,
     render_pool,
     retrieval_prompts,
     swap_in,
     write_lines,
 )
-from difflora.toy.world import HELD_OUT, SHAPES, ToyWorld, _contrasting_colours
+from difflora.toy.world import HELD_OUT, SHAPES, ToyWorld, contrasting_colours
 
 
 @dataclass
@@ -265,7 +265,7 @@ def pretrain_sd(cfg: SDPretrainConfig, progress: bool = True) -> dict:
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from diffusers.training_utils import EMAModel, compute_snr
 
-    from difflora.tiny_models import _scheduler
+    from difflora.tiny_models import tiny_scheduler
 
     cfg.validate()
     torch.set_num_threads(cfg.threads)
@@ -283,7 +283,7 @@ def pretrain_sd(cfg: SDPretrainConfig, progress: bool = True) -> dict:
     latent_size = cfg.image_size // 4
     torch.manual_seed(cfg.seed + 2)
     unet = build_unet(cfg.channels(), latent_size, text_encoder.config.hidden_size)
-    noise_scheduler = DDPMScheduler.from_config(_scheduler("epsilon").config)
+    noise_scheduler = DDPMScheduler.from_config(tiny_scheduler("epsilon").config)
     text = _TextCache(tokenizer, text_encoder)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.01)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -348,7 +348,7 @@ def pretrain_sd(cfg: SDPretrainConfig, progress: bool = True) -> dict:
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=_scheduler("epsilon"), safety_checker=None, feature_extractor=None,
+                                   scheduler=tiny_scheduler("epsilon"), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     unet.to(getattr(torch, cfg.unet_dtype))  # storage only: diffusers loads it as float32 by default
     pipe.save_pretrained(staging, safe_serialization=True)
@@ -371,7 +371,7 @@ def pretrain_sd(cfg: SDPretrainConfig, progress: bool = True) -> dict:
 def colour_shape_pairs(held_out: bool, background: str = "white") -> list[tuple[str, str]]:
     """(colour, shape) pairs drawable on ``background``: the held-out ones, or the training ones."""
     held = set(HELD_OUT)
-    return [(c, s) for c in _contrasting_colours(background) for s in SHAPES if ((c, s) in held) == held_out]
+    return [(c, s) for c in contrasting_colours(background) for s in SHAPES if ((c, s) in held) == held_out]
 
 
 @torch.no_grad()
@@ -386,27 +386,27 @@ def evaluate_sd(model_dir: str | Path, clip_dir: str | Path, samples: int = 2, s
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPModel, CLIPTokenizer
 
-    from difflora.toy.pretrain import _embed_images, _embed_text, _Tokens
+    from difflora.toy.pretrain import Tokens, embed_images, embed_text
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     judge = CLIPModel.from_pretrained(clip_dir).eval()
     cands, cand_pairs = retrieval_prompts()
-    txt = _embed_text(judge, _Tokens(CLIPTokenizer.from_pretrained(clip_dir))(cands))
+    txt = embed_text(judge, Tokens(CLIPTokenizer.from_pretrained(clip_dir))(cands))
     size = judge.config.vision_config.image_size
     result: dict = {"samples_per_prompt": samples, "steps": steps, "guidance": guidance}
     for split, held in (("train", False), ("held_out", True)):
         pairs = colour_shape_pairs(held)
         hits = colour = shape = 0
         for k, (c, s) in enumerate(tqdm(pairs, desc=f"judge {split}", disable=not progress, mininterval=5)):
-            prompt = f"{_article(c)} {c} {s} on a white background"
+            prompt = f"{article(c)} {c} {s} on a white background"
             gen = torch.Generator().manual_seed(seed * 1000 + k)
             imgs = pipe([prompt] * samples, num_inference_steps=steps, guidance_scale=guidance, generator=gen,
                         output_type="np").images
             pix = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() * 2 - 1
             if pix.shape[-1] != size:
                 pix = F.interpolate(pix, size=(size, size), mode="bicubic", align_corners=False)
-            best = (_embed_images(judge, pix) @ txt.t()).argmax(1).tolist()
+            best = (embed_images(judge, pix) @ txt.t()).argmax(1).tolist()
             for b in best:
                 bc, bs = cand_pairs[b]
                 hits += (bc, bs) == (c, s)

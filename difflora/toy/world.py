@@ -89,11 +89,11 @@ class Scene:
         first = self.objects[0].phrase
         if self.relation is not None:
             second = self.objects[1].phrase
-            first = f"{first} {self.relation} {_article(second)} {second}"
-        return f"{_article(first)} {first} on a {self.background} background"
+            first = f"{first} {self.relation} {article(second)} {second}"
+        return f"{article(first)} {first} on a {self.background} background"
 
 
-def _article(phrase: str) -> str:
+def article(phrase: str) -> str:
     return "an" if phrase[0] in "aeiou" else "a"
 
 
@@ -221,7 +221,7 @@ def colour_fractions(image: Image.Image, mask: np.ndarray | None = None) -> dict
 # ----------------------------------------------------------------------------------------------
 
 
-def _contrasting_colours(background: str) -> list[str]:
+def contrasting_colours(background: str) -> list[str]:
     # A shape must stand out: no white on white / pale, no black on black.
     bad = {"white": {"white"}, "black": {"black"}, "grey": set()}.get(background, {"white"})
     return [c for c in COLOURS if c not in bad]
@@ -249,7 +249,7 @@ class ToyWorld:
             raise ValueError(f"split must be train, held_out or all, got {self.split!r}")
 
     def _pair(self, rng: random.Random, background: str, want_held: bool | None) -> tuple[str, str]:
-        colours = _contrasting_colours(background)
+        colours = contrasting_colours(background)
         pairs = [(c, s) for c in colours for s in self.shapes]
         held = set(self.held_out)
         if want_held is True:
@@ -298,7 +298,7 @@ def colour_shape_prompts(held_out_only: bool = False, background: str = "white")
     """Every single-object '(colour) (shape)' prompt on one background, e.g. for CLIP retrieval."""
     held = set(HELD_OUT)
     out = []
-    for c in _contrasting_colours(background):
+    for c in contrasting_colours(background):
         for s in SHAPES:
             if held_out_only and (c, s) not in held:
                 continue

@@ -2,8 +2,9 @@
 
 A checkpoint is a folder ``checkpoint-<step>/`` holding ``weights.safetensors`` (the trainable
 weights), the optimizer and LR-scheduler states (``optimizer.json`` + ``optimizer.safetensors``,
-``scheduler.json`` + ``scheduler.safetensors``: tensors in safetensors, every other value as JSON)
-and ``state.json``. Nothing is pickled, so a checkpoint folder someone else crafted can be refused
+``scheduler.json`` + ``scheduler.safetensors``: tensors in safetensors, every other value as JSON),
+with ``--use_ema`` the EMA of the weights (``ema.json`` + ``ema.safetensors``: diffusers' ``EMAModel``
+state, the shadow weights and the step count its decay depends on) and ``state.json``. Nothing is pickled, so a checkpoint folder someone else crafted can be refused
 but cannot run code when it is read. Every file is checked against the live model, optimizer and
 scheduler before anything is applied: a truncated or malformed checkpoint is one
 :class:`UserError` line, not a traceback steps later.
@@ -179,7 +180,8 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(output_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer: Any,
-                    lr_scheduler: Any, state: dict[str, Any], total_limit: int | None = None) -> Path:
+                    lr_scheduler: Any, state: dict[str, Any], total_limit: int | None = None,
+                    ema: Any = None) -> Path:
     """Write ``checkpoint-<step>`` atomically, then prune the oldest beyond ``total_limit``.
 
     Refuses non-finite weights: a checkpoint must always be safe to name as the last good one.
@@ -195,6 +197,8 @@ def save_checkpoint(output_dir: Path, step: int, weights: dict[str, torch.Tensor
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "weights.safetensors")
     save_state(optimizer.state_dict(), tmp, "optimizer")
     save_state(lr_scheduler.state_dict(), tmp, "scheduler")
+    if ema is not None:  # diffusers' EMAModel: plain values and the list of shadow weights
+        save_state(ema.state_dict(), tmp, "ema")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     if final.exists():
         old = output_dir / f".checkpoint-{step}.old"
@@ -332,8 +336,12 @@ def _check_state_json(state: Any) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, named_params: dict[str, torch.nn.Parameter], optimizer: Any, lr_scheduler: Any,
-                    expect: dict[str, Any]) -> dict[str, Any]:
-    """Restore weights and optimizer / scheduler states; refuse a checkpoint of another model.
+                    expect: dict[str, Any], ema: Any = None,
+                    defaults: dict[str, tuple[Any, Any]] | None = None) -> dict[str, Any]:
+    """Restore weights and optimizer / scheduler (and EMA, if given) states; refuse a checkpoint of another model.
+
+    ``expect``: settings the checkpoint must hold with these values. ``defaults``: name -> (this
+    run's value, the value a checkpoint that does not record the name was made with).
 
     Everything is read and checked before anything is applied; any problem is one UserError line.
     """
@@ -345,9 +353,11 @@ def load_checkpoint(path: Path, named_params: dict[str, torch.nn.Parameter], opt
         state = _check_state_json(_read_json(path / "state.json"))
     except _Malformed as err:
         raise UserError(f"cannot resume from checkpoint '{path}': {err}; {fix}") from None
-    for key, value in expect.items():
-        if state.get(key) != value:
-            raise UserError(f"checkpoint '{path}' was made with {key}={state.get(key)!r}, this run has "
+    checks = {key: (value, state.get(key)) for key, value in expect.items()}
+    checks.update({key: (value, state.get(key, default)) for key, (value, default) in (defaults or {}).items()})
+    for key, (value, theirs) in checks.items():
+        if theirs != value:
+            raise UserError(f"checkpoint '{path}' was made with {key}={theirs!r}, this run has "
                             f"{value!r}; resume with the same settings or start a new output_dir")
     try:
         weights = _read_tensors(path / "weights.safetensors")
@@ -367,6 +377,14 @@ def load_checkpoint(path: Path, named_params: dict[str, torch.nn.Parameter], opt
         _check_optimizer_state(optimizer_state, optimizer)
         scheduler_state = load_state(path, "scheduler")
         _check_scheduler_state(scheduler_state, lr_scheduler)
+        ema_state = None
+        if ema is not None:
+            ema_state = load_state(path, "ema")
+            if not (isinstance(ema_state, dict) and "shadow_params" in ema_state):
+                raise _Malformed("ema.json holds no EMA weights")
+            _check_like(ema_state, ema.state_dict(), "ema", loose_none=False)
+            if not all(t.is_floating_point() for t in ema_state["shadow_params"]):
+                raise _Malformed("the EMA weights are not floating point")
     except _Malformed as err:
         raise UserError(f"cannot resume from checkpoint '{path}': {err}; {fix}") from None
     # Options missing from the file (e.g. added by a newer torch) keep this run's values.
@@ -379,7 +397,13 @@ def load_checkpoint(path: Path, named_params: dict[str, torch.nn.Parameter], opt
     try:
         optimizer.load_state_dict(optimizer_state)
         lr_scheduler.load_state_dict(scheduler_state)
+        if ema_state is not None:
+            # Copied into the live shadow weights: they keep their device and dtype, bit for bit.
+            with torch.no_grad():
+                for live, saved in zip(ema.shadow_params, ema_state.pop("shadow_params")):
+                    live.copy_(saved)
+            ema.load_state_dict(ema_state)
     except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as err:
-        raise UserError(f"cannot resume from checkpoint '{path}': its optimizer or scheduler state does not "
+        raise UserError(f"cannot resume from checkpoint '{path}': its optimizer, scheduler or EMA state does not "
                         f"fit this run ({type(err).__name__}); {fix}") from None
     return state

@@ -10,60 +10,30 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
 from difflora.config import config_to_dict, parse_config
-from difflora.data import load_image_set
+from difflora.data import load_image_set, load_training_images
 from difflora.errors import UserError
-from difflora.lora_io import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
+from difflora.formats import FORMATS
+from difflora.lora_io import LORA_WEIGHT_NAME
 from difflora.models import LORA_TARGET_PRESETS, BaseModel, add_lora
 from difflora.output_dir import CHECKPOINT_PATTERN, Outputs, output_job, safetensors_metadata
-from difflora.train.engine import Callback, Stream, Trainer, TrainingJob
-from difflora.train.options import TrainingOptions, option
+from difflora.train.dreambooth_config import DreamBoothConfig
+from difflora.train.engine import EMA_DIR, Callback, Stream, Trainer, TrainingJob
 
 logger = logging.getLogger(__name__)
 
 # Everything a run writes at the top of output_dir: what --overwrite replaces, and nothing else.
 OUTPUTS = Outputs(
-    "dreambooth", (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME, "README.md", "samples", "loss.png", "metrics.json"),
+    "dreambooth", (*(f.output_name for f in FORMATS.values()), "README.md", "samples", "loss.png", "metrics.json",
+                   EMA_DIR),
     patterns=(CHECKPOINT_PATTERN,), marker=LORA_WEIGHT_NAME,
     recognise=lambda out: "difflora_version" in safetensors_metadata(out / LORA_WEIGHT_NAME))
-
-
-@dataclass(kw_only=True)
-class DreamBoothConfig(TrainingOptions):
-    """Train a DreamBooth LoRA (flags as in diffusers' train_dreambooth_lora.py, plus difflora's)."""
-
-    instance_prompt: str | None = option("prompt with the trigger word, e.g. 'a photo of sks dog'")
-    captions: bool = option("use name.txt beside each image as its prompt (falls back to instance_prompt)", False)
-    class_data_dir: str | None = option("folder of class images for prior preservation (generated if short)")
-    class_prompt: str | None = option("prompt of the class, e.g. 'a photo of dog'")
-    with_prior_preservation: bool = option("add the prior-preservation loss on class images", False)
-    prior_loss_weight: float = option("weight of the prior-preservation loss", 1.0)
-    num_class_images: int = option("class images wanted; missing ones are generated with the base model", 100)
-    lora_targets: Literal["attention", "attention+ff", "all-linear"] = option(
-        "layers to adapt: attention (diffusers), attention+ff, all-linear (kohya-like, 1x1 convs too)", "attention")
-    train_text_encoder: bool = option("also train LoRA on the text encoder(s)", False)
-    learning_rate: float = option("UNet LoRA learning rate", 1e-4)
-    text_encoder_lr: float | None = option("text-encoder LoRA learning rate; default: learning_rate")
-    use_8bit_adam: bool = option("shorthand for --optimizer adamw8bit (needs bitsandbytes)", False)
-    output_kohya_format: bool = option("also write a kohya-format file for A1111 / ComfyUI", False)
-    validation_epochs: int | None = option("as in diffusers: sample every N epochs (converted to steps)")
-    clip_model: str | None = option("CLIP model (folder or hub id) for CLIP-T / CLIP-I scores in metrics.json")
-    dataloader_num_workers: int = option("accepted for compatibility; images are held in memory", 0)
-
-    def validate(self) -> None:
-        if self.use_8bit_adam:
-            self.optimizer = "adamw8bit"
-        self.validate_shared()
-        if not self.instance_prompt:
-            raise UserError("missing --instance_prompt; give a prompt with a trigger word, e.g. 'a photo of sks dog'")
-        if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
-            raise UserError("--with_prior_preservation needs --class_data_dir and --class_prompt")
 
 
 class DreamBoothJob(TrainingJob):
@@ -83,13 +53,12 @@ class DreamBoothJob(TrainingJob):
         return OUTPUTS
 
     def inputs(self) -> list[Any]:
-        return [*super().inputs(), self.cfg.class_data_dir, self.cfg.clip_model]
+        return [*super().inputs(), self.cfg.class_data_dir, self.cfg.clip_model,
+                self.cfg.pretrained_vae_model_name_or_path, self.cfg.tokenizer_name]
 
     def load_data(self) -> list[Stream]:
         cfg = self.cfg
-        self.instances = load_image_set(cfg.instance_data_dir, cfg.instance_prompt, cfg.resolution,
-                                        center_crop=cfg.center_crop or cfg.cache_latents, random_flip=cfg.random_flip,
-                                        captions=cfg.captions, seed=cfg.seed, mask_dir=cfg.mask_dir)
+        self.instances = load_training_images(cfg, cfg.instance_prompt, captions=cfg.captions)
         return [Stream(self.instances)]
 
     def class_images(self, trainer: Trainer) -> Stream | None:
@@ -100,10 +69,20 @@ class DreamBoothJob(TrainingJob):
         if not cfg.with_prior_preservation:
             return None
         if trainer.accelerator.is_main_process:
-            ensure_class_images(Path(cfg.class_data_dir), cfg.class_prompt, cfg.num_class_images,
-                                lambda: pipeline_from(base, base.unet, base.text_encoders,
-                                                      base.noise_scheduler.config),
-                                cfg.resolution, cfg.seed)
+            def pipeline() -> Any:
+                dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(
+                    cfg.prior_generation_precision or "")
+                if dtype is None:  # the training modules as they are (frozen weights in the training precision)
+                    return pipeline_from(base, base.unet, base.text_encoders, base.noise_scheduler.config)
+                import torch  # --prior_generation_precision: a pipeline of its own in that dtype, as in diffusers
+
+                pipe = base.family.load_pipeline(cfg.pretrained_model_name_or_path, torch_dtype=getattr(torch, dtype),
+                                                 revision=cfg.revision, variant=cfg.variant)
+                pipe.set_progress_bar_config(disable=True)
+                return pipe.to(trainer.device)
+
+            ensure_class_images(Path(cfg.class_data_dir), cfg.class_prompt, cfg.num_class_images, pipeline,
+                                cfg.resolution, cfg.seed, batch_size=cfg.sample_batch_size)
         trainer.accelerator.wait_for_everyone()
         classes = load_image_set(cfg.class_data_dir, cfg.class_prompt, cfg.resolution, center_crop=cfg.center_crop,
                                  random_flip=cfg.random_flip, seed=cfg.seed + 1, what="class")
@@ -111,9 +90,9 @@ class DreamBoothJob(TrainingJob):
 
     def attach(self, base: BaseModel) -> None:
         targets = LORA_TARGET_PRESETS[self.cfg.lora_targets]
-        add_lora(base.unet, self.cfg.rank, self.alpha, targets["unet"])
+        add_lora(base.unet, self.cfg.rank, self.alpha, targets["unet"], use_dora=self.cfg.use_dora)
         for i, enc in enumerate(self.trained_text_encoders()):
-            add_lora(enc, self.cfg.rank, self.alpha, targets["text_encoder"])
+            add_lora(enc, self.cfg.rank, self.alpha, targets["text_encoder"], use_dora=self.cfg.use_dora)
             # Layers past those the family reads (SDXL: the first encoder's last layer) never get a
             # gradient; they stay out of the optimizer, and DDP (which refuses such) never sees them.
             used = base.family.text_layers_used(i, enc.config.num_hidden_layers)
@@ -121,6 +100,32 @@ class DreamBoothJob(TrainingJob):
                 layer = re.search(r"\.layers\.(\d+)\.", name)
                 if "lora_" in name and layer and int(layer.group(1)) >= used:
                     p.requires_grad_(False)
+        if self.cfg.lora_dropout:  # peft's lora_dropout, set after injection (add_lora builds without dropout)
+            for module in (base.unet, *self.trained_text_encoders()):
+                for layer in module.modules():
+                    drop = getattr(layer, "lora_dropout", None)
+                    if isinstance(drop, nn.ModuleDict) and "default" in drop:
+                        drop["default"] = nn.Dropout(self.cfg.lora_dropout)
+        if (self.cfg.tokenizer_max_length or self.cfg.text_encoder_use_attention_mask) and len(base.tokenizers) > 1:
+            raise UserError("--tokenizer_max_length / --text_encoder_use_attention_mask are for SD 1.x / 2.x "
+                            "(one text encoder), as in diffusers' train_dreambooth_lora.py; drop them for SDXL")
+        limit = base.tokenizers[0].model_max_length
+        if self.cfg.tokenizer_max_length and self.cfg.tokenizer_max_length > limit:
+            raise UserError(f"--tokenizer_max_length {self.cfg.tokenizer_max_length} exceeds the text encoder's "
+                            f"{limit} positions; use at most {limit}")
+
+    def conditioning(self, prompts: list[str], text_encoders: list[nn.Module], device: Any) -> Any:
+        """The family's conditioning, or diffusers' tokenizer_max_length / attention-mask variant (SD 1.x / 2.x)."""
+        cfg = self.cfg
+        if not (cfg.tokenizer_max_length or cfg.text_encoder_use_attention_mask):
+            return super().conditioning(prompts, text_encoders, device)
+        from difflora.families import Conditioning
+
+        tokenizer = self.base.tokenizers[0]
+        tokens = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
+                           max_length=cfg.tokenizer_max_length or tokenizer.model_max_length)
+        mask = tokens.attention_mask.to(device) if cfg.text_encoder_use_attention_mask else None
+        return Conditioning(text_encoders[0](tokens.input_ids.to(device), attention_mask=mask)[0])
 
     def trained_text_encoders(self) -> list[nn.Module]:
         return list(self.base.text_encoders) if self.cfg.train_text_encoder else []
@@ -132,7 +137,9 @@ class DreamBoothJob(TrainingJob):
         if cfg.train_text_encoder:
             te = [(f"text_encoder_{i}.{n}", p) for i, enc in enumerate(self.base.text_encoders)
                   for n, p in enc.named_parameters() if p.requires_grad]
-            groups.append({"params": te, "lr": (cfg.text_encoder_lr or cfg.learning_rate) * lr_scale})
+            groups.append({"params": te, "lr": (cfg.text_encoder_lr or cfg.learning_rate) * lr_scale,
+                           **({} if cfg.adam_weight_decay_text_encoder is None
+                              else {"weight_decay": cfg.adam_weight_decay_text_encoder})})
         return groups
 
     def identity(self) -> dict[str, Any]:
@@ -141,23 +148,29 @@ class DreamBoothJob(TrainingJob):
     def validation_prompts(self) -> list[str]:
         return [p.strip() for p in (self.cfg.validation_prompt or self.cfg.instance_prompt).split("|") if p.strip()]
 
-    def save(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+    def save_weights(self, trainer: Trainer, folder: Path) -> list[Path]:
         from difflora.lora_io import save_lora
+
+        cfg = self.cfg
+        unet, encoders = trainer.unwrapped()
+        encoders = encoders if cfg.train_text_encoder else []
+        return save_lora(folder, unet, encoders[0] if encoders else None, encoders[1] if len(encoders) > 1 else None,
+                         formats=f"diffusers,{cfg.output_formats}", kohya=cfg.output_kohya_format,
+                         metadata={"base_model": cfg.pretrained_model_name_or_path,
+                                   "instance_prompt": cfg.instance_prompt, "optimizer": cfg.optimizer,
+                                   "rank": cfg.rank, "alpha": self.alpha, "steps": trainer.step,
+                                   **({"ema": folder == trainer.out / EMA_DIR} if cfg.use_ema else {})})
+
+    def save(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         from difflora.train.validation import write_metrics, write_model_card
 
         cfg, step, out = self.cfg, trainer.step, trainer.out
-        unet, encoders = trainer.unwrapped()
-        encoders = encoders if cfg.train_text_encoder else []
-        save_lora(out, unet, encoders[0] if encoders else None, encoders[1] if len(encoders) > 1 else None,
-                  kohya=cfg.output_kohya_format,
-                  metadata={"base_model": cfg.pretrained_model_name_or_path, "instance_prompt": cfg.instance_prompt,
-                            "optimizer": cfg.optimizer, "rank": cfg.rank, "alpha": self.alpha, "steps": step})
+        self.save_weights(trainer, out)
         metrics: dict[str, Any] = {"final_loss": summary["final_loss"], "steps": step, "seconds": summary["seconds"]}
         if cfg.clip_model:
-            from difflora.data import load_image
             from difflora.evaluation import score_images
 
-            reference = [load_image(p) for p in self.instances.paths]
+            reference = list(self.instances.images)  # decoded once (a --dataset_name row has no file)
             seeds = range(cfg.num_validation_images)
             prompts = [p for p in self.validation_prompts() for _ in seeds]
             for label, rows in (("before", trainer.before), ("after", trainer.after)):
@@ -165,6 +178,11 @@ class DreamBoothJob(TrainingJob):
                     flat = [im for row in rows for im in row]
                     metrics[label] = score_images(flat, prompts, reference, cfg.clip_model, device=str(trainer.device))
         write_metrics(out / "metrics.json", metrics)
+        if cfg.report_to != "none" and any(k in metrics for k in ("before", "after")):
+            from difflora.tracking import flat_scores
+
+            trainer.accelerator.log(flat_scores({k: metrics[k] for k in ("before", "after") if k in metrics}),
+                                    step=step)
         card = config_to_dict(cfg) | {"max_train_steps": step}
         write_model_card(out, card, f"samples/step-{step}.png" if trainer.after is not None else None,
                          summary["final_loss"], license=self.base.family.license)
@@ -174,10 +192,19 @@ class DreamBoothJob(TrainingJob):
 @output_job
 def train(cfg: DreamBoothConfig, callbacks: list[Callback] | None = None) -> dict:
     """Run one DreamBooth LoRA training job; return a summary (final loss, steps, output_dir)."""
-    return Trainer(DreamBoothJob(cfg), callbacks).run()
+    summary = Trainer(DreamBoothJob(cfg), callbacks).run()
+    if cfg.push_to_hub and summary["is_main_process"]:
+        from difflora.tracking import push_to_hub
+
+        summary["hub_url"] = push_to_hub(Path(cfg.output_dir), cfg.hub_model_id, cfg.hub_token)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
+    from difflora.console import pop_verbose, setup
+
+    argv, verbose = pop_verbose(list(sys.argv[1:] if argv is None else argv))
+    setup(verbose)  # quiet libraries, difflora's log lines on (train_dreambooth.py comes straight here)
     cfg = parse_config(DreamBoothConfig, argv, prog="difflora dreambooth")
     summary = train(cfg)
     if summary["is_main_process"]:

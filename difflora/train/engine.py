@@ -10,6 +10,11 @@ Determinism: every random draw (data order, crops, flips, VAE sampling, noise, t
 from a generator seeded by ``(seed, stream, example number)``. A run therefore does not depend on
 how it is split across processes or interrupted: resuming a checkpoint gives the same weights, bit
 for bit on CPU, as an uninterrupted run.
+
+EMA (``--use_ema``): diffusers' ``EMAModel`` over the trainable weights, updated once after every
+optimizer step, checkpointed with them and resumed bit for bit. Sample grids use the EMA weights;
+the job writes the raw weights as usual and the EMA weights, in the same file format, to
+``output_dir/ema/`` (so ``pipe.load_lora_weights(output_dir + "/ema")`` loads them).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,7 @@ from difflora.optim import build_optimizer
 from difflora.output_dir import Outputs, prepare_output_dir
 from difflora.train import checkpoint as ckpt
 from difflora.train.loss import diffusion_loss, target_for
+from difflora.train.options import DataOptions
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +50,7 @@ logger = logging.getLogger(__name__)
 # share a generator with the VAE sample of any example (streams: 0 = instance, 1 = class).
 NOISE_STREAM = 10
 CACHE_STREAM = 20  # cached latents: generators keyed by image content, on streams of their own
+EMA_DIR = "ema"  # subfolder of output_dir with the EMA weights' files (same names as the raw ones)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -55,10 +62,13 @@ def example_generator(seed: int, stream: int, k: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 7_919 + stream) * 1_000_000_007 + k)
 
 
-def draw(images: ImageSet, k: int) -> Example:
-    """The k-th example of the endless shuffled stream over ``images``."""
-    epoch, pos = divmod(k, len(images))
-    return images.example(images.order(epoch)[pos], epoch)
+def draw(images: ImageSet, k: int, batch: int = 1) -> Example:
+    """The k-th example of the endless shuffled stream over ``images``, drawn ``batch`` at a time.
+
+    With buckets, examples ``k`` with equal ``k // batch`` share a bucket: a process's slice of a
+    micro-batch starts at a multiple of ``batch``, so it never mixes image sizes.
+    """
+    return images.draw(k, batch)
 
 
 @torch.no_grad()
@@ -96,7 +106,7 @@ class LatentSource:
 
     def __init__(self, vae: nn.Module, seed: int, cache: bool):
         self.vae, self.seed, self.cache = vae, seed, cache
-        self._cached: dict[tuple[int, bytes], torch.Tensor] = {}
+        self._cached: dict[tuple[int, tuple[int, ...], bytes], torch.Tensor] = {}
 
     def __call__(self, examples: list[Example], stream: int, ks: list[int]) -> torch.Tensor:
         pixels = torch.stack([e.pixel_values for e in examples])
@@ -105,10 +115,11 @@ class LatentSource:
         out = []
         for px in pixels:
             digest = hashlib.sha256(px.detach().cpu().contiguous().numpy().tobytes()).digest()
-            if (stream, digest) not in self._cached:
+            key = (stream, tuple(px.shape), digest)  # the shape too: buckets of equal area, same bytes
+            if key not in self._cached:
                 gen = example_generator(self.seed, CACHE_STREAM + stream, int.from_bytes(digest[:4], "big"))
-                self._cached[stream, digest] = encode_images(self.vae, px[None], [gen])[0]
-            out.append(self._cached[stream, digest])
+                self._cached[key] = encode_images(self.vae, px[None], [gen])[0]
+            out.append(self._cached[key])
         return torch.stack(out)
 
 
@@ -122,6 +133,12 @@ class Stream:
 
     images: ImageSet
     weight: float = 1.0
+
+
+# Data options whose non-default values a resumed checkpoint must match (see ``Trainer.identity``).
+DRAW_OPTIONS = ("dataset_name", "repeats", "bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+                "caption_extension", "caption_dropout_rate", "shuffle_caption", "keep_tokens")
+DRAW_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(DataOptions) if f.name in DRAW_OPTIONS}
 
 
 class TrainingJob:
@@ -205,6 +222,11 @@ class TrainingJob:
         """Write the job's result files (main process only); may add to ``summary``."""
         raise NotImplementedError
 
+    def save_weights(self, trainer: Trainer, folder: Path) -> list[Path]:
+        """Write the adapter file(s) of the weights as they are now into ``folder``; :meth:`save` calls
+        it for ``output_dir``, and the trainer for ``output_dir/ema`` with the EMA weights swapped in."""
+        raise NotImplementedError
+
 
 # ------------------------------------------------------------------------------------------------
 # The trainer
@@ -269,7 +291,15 @@ class Trainer:
 
     def _setup_model(self) -> None:
         cfg, job = self.cfg, self.job
+        use_cache_dir(getattr(cfg, "cache_dir", None))
         base = load_base_model(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+        replace_components(base, cfg)
+        from difflora.console import quiet_again
+
+        quiet_again()  # the libraries are imported now: keep them quiet unless --verbose
+        if getattr(cfg, "enable_xformers_memory_efficient_attention", False):
+            logger.info("--enable_xformers_memory_efficient_attention: not needed, PyTorch's scaled-dot-product "
+                        "attention (memory-efficient / flash kernels) is already used")
         for module in (base.unet, base.vae, *base.text_encoders):
             module.requires_grad_(False)
         job.base = self.base = base
@@ -290,6 +320,8 @@ class Trainer:
             base.unet.enable_gradient_checkpointing()
             for enc in job.trained_text_encoders():
                 enc.gradient_checkpointing_enable()
+        if getattr(cfg, "compile", False):  # after LoRA and dtypes; the module itself stays for DDP, saving, sampling
+            compile_forward(base.unet)
         self.latents = LatentSource(base.vae, cfg.seed, cfg.cache_latents)
 
     def _setup_optimizer(self, n_examples: int) -> None:
@@ -320,7 +352,8 @@ class Trainer:
             groups = [{"params": groups[0]["params"]}]
             options["model"] = self.base.unet
         try:
-            self.optimizer = build_optimizer(cfg.optimizer, groups, **options)
+            self.optimizer = (build_prodigy(groups, cfg) if cfg.optimizer == "prodigy"
+                              else build_optimizer(cfg.optimizer, groups, **options))
         except (ValueError, ImportError, TypeError) as err:
             raise UserError(f"cannot build optimizer '{cfg.optimizer}': {err}") from None
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=self.optimizer,
@@ -331,14 +364,50 @@ class Trainer:
         self.unet, self.optimizer = prepared[0], prepared[-1]
         self.trained_encoders = list(prepared[1:-1])
         self.text_encoders = self.trained_encoders or list(self.base.text_encoders)
+        self.ema = None
+        if cfg.use_ema:  # shadow copies of the fp32 trainable weights, on their device
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(list(self.trainable.values()), decay=cfg.ema_decay)
+
+    def identity(self) -> dict[str, Any]:
+        """Settings a checkpoint must match to be resumed by this run (EMA and DoRA only when on, so
+        checkpoints written before those options existed still resume)."""
+        extra: dict[str, Any] = {}
+        if self.cfg.use_ema:
+            extra.update(use_ema=True, ema_decay=self.cfg.ema_decay)
+        if self.cfg.use_dora:
+            extra["use_dora"] = True
+        # Options that change which example is drawn at which step: a resume with other values would
+        # silently continue a different run. Recorded only when not at their defaults, like EMA.
+        for name, default in DRAW_DEFAULTS.items():
+            if getattr(self.cfg, name, default) != default:
+                extra[name] = getattr(self.cfg, name)
+        return {"base_model": self.cfg.pretrained_model_name_or_path, "rank": self.cfg.rank,
+                "optimizer": self.cfg.optimizer, **extra, **self.job.identity()}
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Any:
+        """The EMA weights in the model for the duration (nothing happens without ``--use_ema``)."""
+        if self.ema is None:
+            yield
+            return
+        params = list(self.trainable.values())
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
 
     def _resume(self) -> None:
         self.step, self.losses, self.last_good = 0, [], self.resume
         if self.resume is None:
             return
-        identity = {"base_model": self.cfg.pretrained_model_name_or_path, "rank": self.cfg.rank,
-                    "optimizer": self.cfg.optimizer, **self.job.identity()}
-        state = ckpt.load_checkpoint(self.resume, self.trainable, self.optimizer, self.lr_scheduler, identity)
+        # Draw options absent from a checkpoint were at their defaults when it was written.
+        defaults = {name: (getattr(self.cfg, name, d), d) for name, d in DRAW_DEFAULTS.items()}
+        state = ckpt.load_checkpoint(self.resume, self.trainable, self.optimizer, self.lr_scheduler, self.identity(),
+                                     ema=self.ema, defaults=defaults)
         restore_scaler(self.accelerator, state, self.resume)
         self.job.load_state(state.get("job", {}))
         self.step, self.losses = state["step"], state.get("losses", [])
@@ -352,7 +421,7 @@ class Trainer:
         """The examples this process draws: its slice of the global micro-batch starting at ``first_k``."""
         bs = self.cfg.train_batch_size
         ks = [first_k + self.accelerator.process_index * bs + j for j in range(bs)]
-        return [draw(images, k) for k in ks], ks
+        return [draw(images, k, bs) for k in ks], ks
 
     def conditioning(self, prompts: list[str]) -> Conditioning:
         """The job's conditioning; with frozen text encoders each prompt is encoded once and reused."""
@@ -378,8 +447,11 @@ class Trainer:
         noise, timesteps = noise.to(latents), timesteps.to(device)
         noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
         cond = self.conditioning([e.prompt for e in examples])
+        crop = (getattr(cfg, "crops_coords_top_left_h", None), getattr(cfg, "crops_coords_top_left_w", None))
         extra = base.family.unet_kwargs(cond, [e.original_size for e in examples],
-                                        [e.crop_top_left for e in examples], (cfg.resolution, cfg.resolution),
+                                        [e.crop_top_left if crop == (None, None) else (crop[0] or 0, crop[1] or 0)
+                                         for e in examples],
+                                        examples[0].target_size,  # one bucket per micro-batch (see draw)
                                         dtype, device)
         pred = self.unet(noisy, timesteps, cond.hidden_states.to(dtype), **extra).sample
         target = target_for(base.noise_scheduler, latents, noise, timesteps)
@@ -401,18 +473,24 @@ class Trainer:
 
         unet, encoders = self.unwrapped()
         pipe = self.job.validation_pipeline(unet, encoders)
-        return sample_grid(pipe, self.job.validation_prompts(), list(range(self.cfg.num_validation_images)),
-                           self.cfg.resolution, self.cfg.validation_inference_steps, self.cfg.validation_guidance,
-                           self.out / "samples" / f"step-{step}.png")
+        path = self.out / "samples" / f"step-{step}.png"
+        with self.ema_weights():
+            rows = sample_grid(pipe, self.job.validation_prompts(), list(range(self.cfg.num_validation_images)),
+                               self.cfg.resolution, self.cfg.validation_inference_steps,
+                               self.cfg.validation_guidance, path)
+        if self.cfg.report_to != "none" and path.is_file():
+            from difflora.tracking import log_image
+
+            log_image(self.accelerator, "validation", path, step)
+        return rows
 
     def save_checkpoint(self) -> None:
         if self.accelerator.is_main_process:
             weights = {n: p.detach() for n, p in self.trainable.items()}
             ckpt.save_checkpoint(self.out, self.step, weights, self.optimizer, self.lr_scheduler,
-                                 {"base_model": self.cfg.pretrained_model_name_or_path, "rank": self.cfg.rank,
-                                  "optimizer": self.cfg.optimizer, **self.job.identity(), "losses": self.losses,
-                                  "job": self.job.state(), **scaler_state(self.accelerator)},
-                                 self.cfg.checkpoints_total_limit)
+                                 {**self.identity(), "losses": self.losses, "job": self.job.state(),
+                                  **scaler_state(self.accelerator)},
+                                 self.cfg.checkpoints_total_limit, ema=self.ema)
         self.last_good = self.out / f"checkpoint-{self.step}"
 
     def diverged(self, what: str, at_step: int) -> UserError:
@@ -430,14 +508,17 @@ class Trainer:
         extra = job.class_images(self)
         if extra is not None:
             streams.append(extra)
-        self._setup_optimizer(len(streams[0].images))
+        self._setup_optimizer(streams[0].images.epoch_length(cfg.train_batch_size))
         self._resume()
         acc, accum = self.accelerator, cfg.gradient_accumulation_steps
-        if acc.is_main_process and cfg.report_to != "none":
-            from difflora.config import config_to_dict
+        if acc.is_main_process:
+            from difflora.console import run_summary
 
-            acc.init_trackers(job.name, config={k: v for k, v in config_to_dict(cfg).items()
-                                                if isinstance(v, (int, float, str, bool))})
+            logger.info(run_summary(self, streams))
+        if acc.is_main_process and cfg.report_to != "none":
+            from difflora.tracking import tracked_config
+
+            acc.init_trackers(job.name, config=tracked_config(cfg))
         self.before = self.validate(self.step) if self.step == 0 else None
         if self.step == 0:
             for fn in self.callbacks:
@@ -451,7 +532,7 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             while self.step < self.max_steps:
-                step_loss = 0.0
+                step_loss = torch.zeros((), device=self.device)
                 for micro in range(accum):
                     first_k = (self.step * accum + micro) * self.global_batch
                     sync = contextlib.ExitStack()
@@ -464,30 +545,43 @@ class Trainer:
                             examples, ks = self.micro_batch(source.images, first_k)
                             loss = loss + source.weight * self.loss(examples, ks, stream)
                         acc.backward(loss / accum)
-                    step_loss += loss.detach().item() / accum
+                    step_loss += loss.detach().float() / accum
                 # Checked on values every process shares (mean loss, synced gradients, weights), so all
                 # processes stop at the same step; non-finite weights never reach a checkpoint or a file.
-                mean_loss = acc.reduce(torch.tensor(step_loss, device=self.device), reduction="mean").item()
+                # Loss and gradient norm reach the host together: one synchronisation, before the update.
+                params = list(self.trainable.values())
+                loss_t = acc.reduce(step_loss, reduction="mean")
+                norm_t = acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else gradient_norm(params)
+                mean_loss, grad_norm = torch.stack([loss_t, torch.as_tensor(norm_t).to(loss_t)]).tolist()
                 if not math.isfinite(mean_loss):
                     raise self.diverged(f"the loss became {mean_loss}", self.step + 1)
-                params = list(self.trainable.values())
-                grad_norm = (float(acc.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm
-                             else gradient_norm(params))
                 if not math.isfinite(grad_norm) and acc.scaler is None:  # fp16's scaler skips such steps
                     raise self.diverged(f"the gradient norm became {grad_norm}", self.step + 1)
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                bad = ckpt.nonfinite(self.trainable)
+                bad = None if sums_finite(params) else ckpt.nonfinite(self.trainable)  # exact check names it
                 if bad is not None:
                     raise self.diverged(f"weight '{bad}' became NaN or infinite", self.step)
+                if self.ema is not None:
+                    self.ema.step(params)
                 self.losses.append(mean_loss)
                 lr = self.lr_scheduler.get_last_lr()[0]
+                # Drawn when update's rate limit allows, not forced every step.
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", **job.after_step(self.step), refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", **job.after_step(self.step))
                 if cfg.report_to != "none":
-                    acc.log({"loss": mean_loss, "lr": lr, "grad_norm": grad_norm}, step=self.step)
+                    conds = {}
+                    every = cfg.preconditioner_log_steps
+                    if every and (self.step == 1 or self.step % every == 0):
+                        from difflora.optim.diagnostics import gram_condition_numbers
+
+                        # what the preconditioner sees: cond(B^T B), cond(A A^T), median / max over pairs
+                        with contextlib.suppress(ValueError):  # a factor without its partner: no pairs
+                            conds = gram_condition_numbers(self.trainable.items())
+                    acc.log({"loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
+                             **{f"preconditioner/{k}": v for k, v in conds.items()}}, step=self.step)
                 for fn in self.callbacks:
                     fn(self.step, self)
                 if self.step % cfg.checkpointing_steps == 0 and self.step < self.max_steps:
@@ -507,6 +601,9 @@ class Trainer:
 
             self.after = self.validate(self.step)
             job.save(self, summary)
+            if self.ema is not None:
+                with self.ema_weights():
+                    summary["ema_files"] = [str(p) for p in job.save_weights(self, self.out / EMA_DIR)]
             if self.losses:
                 plot_loss(self.losses, self.out / "loss.png")
         acc.end_training()
@@ -568,7 +665,85 @@ def restore_scaler(accelerator: Any, state: dict[str, Any], path: Path) -> None:
                         ) from None
 
 
-def gradient_norm(params: list[nn.Parameter]) -> float:
-    """Total 2-norm of the gradients, for the finiteness check when clipping is off."""
+def use_cache_dir(cache_dir: str | None) -> None:
+    """``--cache_dir``: hub downloads of this run go there (the hub library reads it at download time)."""
+    if not cache_dir:
+        return
+    import os
+
+    import huggingface_hub.constants as hub
+
+    os.environ["HF_HUB_CACHE"] = hub.HF_HUB_CACHE = str(Path(cache_dir).expanduser())
+
+
+def replace_components(base: BaseModel, cfg: Any) -> None:
+    """``--pretrained_vae_model_name_or_path`` / ``--tokenizer_name``: swap the model's VAE / first tokenizer,
+    as diffusers' scripts do (a VAE folder or hub id holds the VAE at its top, not under ``vae/``)."""
+    for what, path in (("VAE", getattr(cfg, "pretrained_vae_model_name_or_path", None)),
+                       ("tokenizer", getattr(cfg, "tokenizer_name", None))):
+        if not path:
+            continue
+        try:
+            if what == "VAE":
+                from diffusers import AutoencoderKL
+
+                base.vae = AutoencoderKL.from_pretrained(path, revision=cfg.revision).requires_grad_(False)
+            else:
+                from transformers import AutoTokenizer
+
+                base.tokenizers[0] = AutoTokenizer.from_pretrained(path, revision=cfg.revision)
+        except (OSError, ValueError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(f"cannot load the {what} '{path}': {first}") from None
+
+
+def build_prodigy(groups: list[dict[str, Any]], cfg: Any) -> torch.optim.Optimizer:
+    """``--optimizer prodigy`` (prodigyopt, optional) with diffusers' options; names dropped from the groups."""
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise UserError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from None
+    plain = [{**{k: v for k, v in g.items() if k != "params"}, "params": [p for _, p in g["params"]]}
+             for g in groups]
+    return Prodigy(plain, lr=groups[0]["lr"], betas=(cfg.adam_beta1, cfg.adam_beta2), beta3=cfg.prodigy_beta3,
+                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, decouple=cfg.prodigy_decouple,
+                   use_bias_correction=cfg.prodigy_use_bias_correction,
+                   safeguard_warmup=cfg.prodigy_safeguard_warmup)
+
+
+def gradient_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """Total 2-norm of the gradients, for the finiteness check when clipping is off (a tensor: the
+    caller reads it together with the loss)."""
     norms = [torch.linalg.vector_norm(p.grad.detach()) for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def sums_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor is finite, by one sum per tensor and one synchronisation (a third of the
+    kernels of an isfinite-and-all per tensor). A tensor holding a NaN or an infinity never sums to
+    a finite number; finite values may overflow the sum, so False only means "check exactly"."""
+    return not tensors or bool(torch.stack([t.detach().sum().float() for t in tensors]).isfinite().all())
+
+
+def compile_forward(module: nn.Module) -> None:
+    """Replace ``module.forward`` by ``torch.compile`` of it (default mode, ``dynamic=False``).
+
+    The module object stays (an ``OptimizedModule`` wrapper would change the parameter names that
+    checkpoints and LoRA files are keyed by). Compiling happens at the first call; where it fails
+    (no C compiler, an unsupported backend) the run continues eagerly after a one-line warning.
+    """
+    eager = module.forward
+    compiled = torch.compile(eager, dynamic=False)
+
+    def first_call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            out = compiled(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: eager gives the same result or error
+            logger.warning("--compile: torch.compile failed (%s); training eagerly",
+                           str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+            module.forward = eager
+            return eager(*args, **kwargs)
+        module.forward = compiled
+        return out
+
+    module.forward = first_call

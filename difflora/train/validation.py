@@ -89,7 +89,7 @@ def sample_grid(pipe, prompts: list[str], seeds: list[int], resolution: int, ste
         m.eval()
     try:
         rows = generate(pipe, prompts, seeds, steps=steps, guidance=guidance, height=resolution,
-                        width=resolution, progress=False)
+                        width=resolution, progress=True)  # a bar of its own: grids take a while
     finally:
         for m, t in zip(modules, was_training):
             m.train(t)

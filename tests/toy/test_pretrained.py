@@ -21,7 +21,7 @@ from difflora.evaluation import score_images
 from difflora.toy import ToyWorld
 from difflora.toy.pretrain import (
     ClipPretrainConfig,
-    _Tokens,
+    Tokens,
     caption_variants,
     contrastive_loss,
     main,
@@ -68,7 +68,7 @@ def test_shipped_folder_loads_with_stock_classes(toy_clip):
 def test_ranks_the_right_colour_and_shape_first(toy_clip, split, bound):
     model, _ = toy_clip
     images, labels = single_object_set(seed=777, split=split, n=180)
-    acc = retrieval_accuracy(model, _Tokens(CLIPTokenizer.from_pretrained(TOY_CLIP)), images, labels)
+    acc = retrieval_accuracy(model, Tokens(CLIPTokenizer.from_pretrained(TOY_CLIP)), images, labels)
     assert acc["n"] == 180
     assert acc["top1"] >= bound, acc
     assert acc["top1"] > 10 / 60  # ten times chance

@@ -25,7 +25,10 @@ def db_args(tiny_sd, concept_dir, tmp_path):
             "--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir", str(concept_dir),
             "--instance_prompt", "a photo of sks star", "--resolution", "32", "--train_batch_size", "2",
             "--max_train_steps", "4", "--checkpointing_steps", "100", "--num_validation_images", "1",
-            "--validation_inference_steps", "2", "--output_dir", str(tmp_path / out), *extra,
+            "--validation_inference_steps", "2", "--output_dir", str(tmp_path / out),
+            # stated, not diffusers' defaults (5e-4, 500 warm-up steps, tensorboard, grids every 50 epochs)
+            "--learning_rate", "1e-4", "--lr_warmup_steps", "0", "--report_to", "none", "--validation_epochs", "none",
+            *extra,
         ]
 
     return make

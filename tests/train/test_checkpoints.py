@@ -4,6 +4,7 @@ and a refused, truncated or malformed checkpoint is one line with exit 2, never 
 from __future__ import annotations
 
 import builtins
+import json
 import math
 import pickle
 import shutil
@@ -291,3 +292,23 @@ def test_stray_pickle_beside_a_good_checkpoint_is_ignored(trained_run, tmp_path,
     cli_main(argv)
     assert not marker.exists()
     assert _same(trained_run[0], folder.parent)  # and the resume is still bit-identical
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--shuffle_caption", "true"], "shuffle_caption=False, this run has True"),
+    (["--repeats", "3"], "repeats=1, this run has 3"),
+])
+def test_resume_with_other_draw_options_is_refused(extra, expect, trained_run, tmp_path, capsys):
+    """Options that change which example is drawn at a step: a checkpoint written without them (their
+    defaults) is not continued as if it were the same run."""
+    folder, argv = _resume_copy(trained_run, tmp_path)
+    _refused([*argv, *extra], capsys, expect)
+
+
+def test_draw_options_are_recorded_and_checked_both_ways(trained_run, tmp_path, capsys):
+    """A checkpoint that records a non-default draw option refuses a run at the default."""
+    folder, argv = _resume_copy(trained_run, tmp_path)
+    state = json.loads((folder / "state.json").read_text())
+    state["caption_dropout_rate"] = 0.5
+    (folder / "state.json").write_text(json.dumps(state))
+    _refused(argv, capsys, "caption_dropout_rate=0.5, this run has 0.0")

@@ -1,30 +1,26 @@
-"""Images in, tensors out: the first step of the data path.
+"""The one image reader: every file users hand us becomes 8-bit RGB (or L) pixels, or one line.
 
 Users hand us folders straight from a phone or the web, so loading is forgiving where it can be
 (EXIF rotation, RGBA, palette, grayscale, 16-bit and 32-bit float images all become 8-bit RGB;
 unreadable, truncated and decompression-bomb files are skipped with a warning naming them) and
 strict where it must be (a missing folder or one with no usable image stops the run with a clear
-message). Every image difflora reads (training images, masks, condition images, images to score)
-goes through :func:`read_image`, so all of them follow the same rules.
-
-Augmentation is a pure function of ``(seed, epoch, index)`` so a resumed run sees exactly the
-crops and flips an uninterrupted run would have seen.
+message). Every image difflora reads (training images, masks, condition images, images to score,
+rows of a ``datasets`` dataset) goes through :func:`read_image`, so all of them follow the same rules.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import struct
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from difflora.config import read_text
 from difflora.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -61,8 +57,11 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
 
 
-def read_image(path: str | Path, mode: Literal["RGB", "L"] = "RGB") -> Image.Image:
+def read_image(path: str | Path, mode: Literal["RGB", "L"] = "RGB", data: bytes | None = None) -> Image.Image:
     """Decode an image file in full as 8-bit ``mode``, EXIF orientation applied; the one image reader.
+
+    ``data``: the file's bytes when they are not on disk (a row of a ``datasets`` dataset); ``path``
+    then only names the image in messages.
 
     Transparent pixels become white (a cut-out subject on white, not on black). High bit depths
     are scaled (:func:`_to_8bit`). A file Pillow cannot decode, one cut short (a truncated JPEG
@@ -74,7 +73,8 @@ def read_image(path: str | Path, mode: Literal["RGB", "L"] = "RGB") -> Image.Ima
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            source: Path | BinaryIO = path if data is None else io.BytesIO(data)
+            with Image.open(source) as opened:
                 opened.load()
                 try:
                     im = ImageOps.exif_transpose(opened)
@@ -140,123 +140,40 @@ def find_images(folder: str | Path, what: str = "instance") -> list[Path]:
     return read_images(folder, what)[0]
 
 
-def read_caption(image_path: Path, default: str) -> str:
-    """The caption in ``name.txt`` beside the image, or ``default``."""
-    txt = image_path.with_suffix(".txt")
-    if txt.is_file():
-        text = read_text(txt, "caption file").strip()
-        if text:
-            return text
-    return default
-
-
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> float tensor (3, H, W) in [-1, 1], the range the VAE expects."""
     arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float()
     return arr / 127.5 - 1.0
 
 
+def cover_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """The (w, h) an image of ``size`` is resized to so that it just covers ``target`` (w, h)."""
+    (w, h), (tw, th) = size, target
+    scale = max(tw / w, th / h)
+    return max(tw, round(w * scale)), max(th, round(h * scale))
+
+
+def cover_and_crop(image: Image.Image, target: tuple[int, int], center_crop: bool,
+                   generator: torch.Generator | None = None,
+                   resample: Image.Resampling = Image.Resampling.BICUBIC) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize ``image`` to cover ``target`` (w, h) and crop it there; return the crop and its (top, left).
+
+    The crop is centred, or drawn from ``generator`` (left first, then top: the order every
+    seeded run depends on). Masks go through here too, with the same generator state, so
+    they are cut exactly like their image.
+    """
+    tw, th = target
+    nw, nh = cover_size(image.size, target)
+    image = image.resize((nw, nh), resample)
+    if center_crop or generator is None:
+        left, top = (nw - tw) // 2, (nh - th) // 2
+    else:
+        left = int(torch.randint(0, nw - tw + 1, (1,), generator=generator))
+        top = int(torch.randint(0, nh - th + 1, (1,), generator=generator))
+    return image.crop((left, top, left + tw, top + th)), (top, left)
+
+
 def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool,
                     generator: torch.Generator | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Resize the shorter side to ``resolution`` and crop a square; return the crop's top-left."""
-    w, h = image.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
-    if center_crop or generator is None:
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    else:
-        left = int(torch.randint(0, nw - resolution + 1, (1,), generator=generator))
-        top = int(torch.randint(0, nh - resolution + 1, (1,), generator=generator))
-    return image.crop((left, top, left + resolution, top + resolution)), (top, left)
-
-
-@dataclass
-class Example:
-    pixel_values: torch.Tensor  # (3, R, R) in [-1, 1]
-    prompt: str
-    original_size: tuple[int, int]  # (h, w), SDXL micro-conditioning
-    crop_top_left: tuple[int, int]
-    mask: torch.Tensor | None = None  # (1, R, R) in [0, 1], cropped and flipped with the image
-
-
-class ImageSet:
-    """A folder of images with prompts, augmented deterministically per (seed, epoch, index)."""
-
-    def __init__(self, paths: list[Path], prompts: list[str], resolution: int, center_crop: bool = False,
-                 random_flip: bool = False, seed: int = 0, masks: list[Path | None] | None = None,
-                 images: list[Image.Image] | None = None):
-        self.paths, self.prompts = paths, prompts
-        self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
-        # ``images``: already decoded by read_images (each file is decoded once).
-        self._images = list(images) if images is not None else [load_image(p) for p in paths]
-        # Masks (white = the subject) weight the loss; an image without one counts everywhere.
-        self._masks = None if masks is None else [
-            read_image(m, "L") if m is not None else Image.new("L", im.size, 255)
-            for m, im in zip(masks, self._images)]
-        if self._masks is not None:
-            for m, im, p in zip(self._masks, self._images, paths):
-                if m.size != im.size:
-                    raise UserError(f"the mask of '{p.name}' is {m.size[0]}x{m.size[1]} but the image is "
-                                    f"{im.size[0]}x{im.size[1]}; give masks the size of their images")
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def example(self, index: int, epoch: int) -> Example:
-        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 100_003 + index) % (2**63))
-        image = self._images[index]
-        original = (image.height, image.width)
-        image, crop = resize_and_crop(image, self.resolution, self.center_crop, g)
-        flip = self.random_flip and bool(torch.rand((), generator=g) < 0.5)
-        if flip:
-            image = ImageOps.mirror(image)
-        mask = None
-        if self._masks is not None:
-            m = self._masks[index]
-            scale = self.resolution / min(m.size)
-            size = (max(self.resolution, round(m.width * scale)), max(self.resolution, round(m.height * scale)))
-            top, left = crop
-            m = m.resize(size, Image.Resampling.BILINEAR).crop(
-                (left, top, left + self.resolution, top + self.resolution))
-            if flip:
-                m = ImageOps.mirror(m)
-            mask = torch.from_numpy(np.asarray(m, dtype=np.float32).copy())[None] / 255.0
-        return Example(to_tensor(image), self.prompts[index], original, crop, mask)
-
-    def order(self, epoch: int) -> list[int]:
-        """The shuffled index order of one epoch (same for every process and every resume)."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self), generator=g).tolist()
-
-
-def load_image_set(folder: str | Path, prompt: str, resolution: int, *, center_crop: bool = False,
-                   random_flip: bool = False, captions: bool = False, seed: int = 0,
-                   what: str = "instance", caption_dir: str | Path | None = None,
-                   mask_dir: str | Path | None = None) -> ImageSet:
-    """Find, validate and load a folder of training images with their prompts (and masks).
-
-    Captions are ``name.txt`` beside each image, or in ``caption_dir`` when given; masks are
-    ``name.png`` (any image format) in ``mask_dir``.
-    """
-    paths, images = read_images(folder, what)
-    if caption_dir is not None and not Path(caption_dir).is_dir():
-        raise UserError(f"caption folder '{caption_dir}' does not exist; check --caption_dir")
-    if captions or caption_dir is not None:
-        where = Path(caption_dir) if caption_dir is not None else None
-        prompts = [read_caption(where / p.name if where else p, prompt) for p in paths]
-    else:
-        prompts = [prompt] * len(paths)
-    masks = None
-    if mask_dir is not None:
-        if not Path(mask_dir).is_dir():
-            raise UserError(f"mask folder '{mask_dir}' does not exist; check --mask_dir")
-        found = {m.stem: m for m in find_images(mask_dir, "mask")}
-        masks = [found.get(p.stem) for p in paths]
-        if all(m is None for m in masks):
-            raise UserError(f"no mask in '{mask_dir}' matches an image name; name each mask like its image "
-                            "(e.g. 0.png for 0.jpg)")
-        missing = [p.name for p, m in zip(paths, masks) if m is None]
-        if missing:
-            logger.warning("no mask for %s: their loss covers the whole image", ", ".join(missing))
-    return ImageSet(paths, prompts, resolution, center_crop, random_flip, seed, masks, images=images)
+    return cover_and_crop(image, (resolution, resolution), center_crop, generator)
