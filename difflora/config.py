@@ -297,6 +297,16 @@ def format_help(cls: type, prog: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+# Other tools' names for difflora options, accepted on the command line and in config files
+# (only where the config has the target option).
+ALIASES: dict[str, str] = {"enable_bucket": "bucket"}
+
+
+def _alias(key: str, fields: dict[str, Any]) -> str:
+    target = ALIASES.get(key)
+    return target if target is not None and key not in fields and target in fields else key
+
+
 def parse_config(
     cls: type[C], argv: list[str] | None = None, prog: str = "difflora", positional: str | None = None
 ) -> C:
@@ -333,7 +343,7 @@ def parse_config(
             continue
         else:
             raise UserError(f"unexpected argument '{tok}'; options are written --key value or key=value")
-        key = key.replace("-", "_")
+        key = _alias(key.replace("-", "_"), fields)
         if key == "config":
             if not eq:
                 if i >= len(argv):
@@ -374,7 +384,7 @@ def parse_config(
     merged: dict[str, Any] = {}
     if config_path is not None:
         for key, value in resolve_config_paths(load_yaml(config_path), config_path).items():
-            key = str(key).replace("-", "_")
+            key = _alias(str(key).replace("-", "_"), fields)
             if key not in fields:
                 raise _unknown(key, fields)
             merged[key] = value
@@ -393,7 +403,7 @@ def config_from_mapping(cls: type[C], values: dict[str, Any], source: str | None
     where = f" in '{source}'" if source else ""
     kwargs = {}
     for key, value in values.items():
-        key = str(key).replace("-", "_")
+        key = _alias(str(key).replace("-", "_"), fields)
         if key not in fields:
             raise UserError(f"unknown option '{key}'{where}; valid options: {', '.join(sorted(fields))}")
         try:

@@ -90,3 +90,17 @@ def test_help_groups_options_by_the_group_that_declares_them():
     section = text.split("Optimizer:")[1].split("\n\n")[0]
     assert "--adam_beta1 float (default: 0.9)" in section and "--learning_rate" not in section
     assert "--mixed_precision {no,fp16,bf16}" in text
+
+
+def test_kohya_enable_bucket_is_an_alias_of_bucket(tmp_path):
+    """kohya's --enable_bucket sets --bucket, on the command line and in a config file."""
+    from difflora.train.dreambooth_config import DreamBoothConfig
+
+    concept = tmp_path / "c"
+    concept.mkdir()
+    base = ["--pretrained_model_name_or_path", "x", "--instance_data_dir", str(concept), "--instance_prompt", "a"]
+    assert parse_config(DreamBoothConfig, base).bucket is False
+    assert parse_config(DreamBoothConfig, [*base, "--enable_bucket"]).bucket is True
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("enable_bucket: true\n")
+    assert parse_config(DreamBoothConfig, [*base, "--config", str(yaml_file)]).bucket is True
