@@ -7,6 +7,12 @@ from difflora.errors import exit_on_user_error
 
 
 def _main() -> None:
+    import sys
+
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):  # the options print without importing torch
+        from difflora.cli import main as cli_main
+
+        cli_main(["dreambooth", "--help"])
     from difflora.train.dreambooth import main  # imported under the guard: Ctrl-C here is exit 130 too
 
     main()

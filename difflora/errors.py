@@ -5,7 +5,8 @@ flag). Entry points wrap their work in :func:`exit_on_user_error`, which prints 
 exits with status 2. Anything else is a bug and keeps its traceback.
 
 Exit codes: 0 done; 2 bad input (nothing trained, or training stopped with the reason named);
-3 training finished and its files are written, but ``--push_to_hub`` failed; 130 interrupted.
+3 training finished and its files are written, but ``--push_to_hub`` failed; 130 interrupted;
+141 the output pipe closed (``... | head``).
 """
 
 from __future__ import annotations
@@ -43,3 +44,9 @@ def exit_on_user_error(fn: Callable[[], T], prog: str = "difflora") -> T:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except BrokenPipeError:
+        # The reader went away (``difflora dreambooth --help | head``): stop quietly, as Unix tools do.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None

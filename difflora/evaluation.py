@@ -139,22 +139,34 @@ def clip_t(images: list[Image.Image], prompts: list[str], clip_model: str, devic
 
 
 def score_images(images: list[Image.Image], prompts: str | list[str], reference: list[Image.Image] | None,
-                 clip_model: str, dino_model: str | None = None, device: str = "cpu") -> dict[str, float]:
+                 clip_model: str, dino_model: str | None = None, device: str = "cpu",
+                 progress: bool = True) -> dict[str, float]:
     """CLIP-T (image vs its prompt), CLIP-I and DINO (all generated x reference pairs)."""
+    from tqdm.auto import tqdm
+
     if not images:
         raise UserError("no images to score")
     if isinstance(prompts, str):
         prompts = [prompts] * len(images)
     if len(prompts) != len(images):
         raise UserError(f"{len(images)} images but {len(prompts)} prompts; give one prompt per image or one for all")
-    scores = {"clip_t": clip_t(images, prompts, clip_model, device)}
-    if reference:
-        gen = clip_image_embeddings(images, clip_model, device)
-        ref = clip_image_embeddings(reference, clip_model, device)
-        scores["clip_i"] = mean_pairwise_cosine(gen, ref)
-        if dino_model:
-            scores["dino"] = mean_pairwise_cosine(dino_embeddings(images, dino_model, device),
-                                                  dino_embeddings(reference, dino_model, device))
+    # One tick per embedding pass: the models' forward passes are where scoring spends its time.
+    passes = 1 + (2 if reference else 0) + (2 if reference and dino_model else 0)
+    with tqdm(total=passes, desc="scoring", unit="pass", disable=not progress, leave=False) as bar:
+        scores = {"clip_t": clip_t(images, prompts, clip_model, device)}
+        bar.update(1)
+        if reference:
+            gen = clip_image_embeddings(images, clip_model, device)
+            bar.update(1)
+            ref = clip_image_embeddings(reference, clip_model, device)
+            bar.update(1)
+            scores["clip_i"] = mean_pairwise_cosine(gen, ref)
+            if dino_model:
+                gen_d = dino_embeddings(images, dino_model, device)
+                bar.update(1)
+                ref_d = dino_embeddings(reference, dino_model, device)
+                bar.update(1)
+                scores["dino"] = mean_pairwise_cosine(gen_d, ref_d)
     return scores
 
 

@@ -28,6 +28,18 @@ def test_dreambooth_help_imports_no_torch():
     assert "HEAVY []" in out.stdout, out.stdout.splitlines()[-1]
 
 
+def test_train_dreambooth_script_help_imports_no_torch():
+    """The thin recipe script answers --help from the same light options class (-X importtime lists
+    every module imported, so a torch import anywhere on the way shows)."""
+    out = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "train_dreambooth.py"), "--help"],
+                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--pretrained_model_name_or_path" in out.stdout
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "difflora.config" in imported  # the importtime listing is there
+    assert not imported & {"torch", "diffusers", "transformers"}, sorted(imported & {"torch", "diffusers"})
+
+
 def test_plain_run_shows_summary_and_no_library_warnings(tiny_sd, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "difflora", "dreambooth", "--pretrained_model_name_or_path", str(tiny_sd),
