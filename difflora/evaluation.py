@@ -13,8 +13,10 @@ adapter that returns the projected embedding tensor. CLIP-I and DINO use the mod
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -153,20 +155,18 @@ def score_images(images: list[Image.Image], prompts: str | list[str], reference:
     # One tick per embedding pass: the models' forward passes are where scoring spends its time.
     passes = 1 + (2 if reference else 0) + (2 if reference and dino_model else 0)
     with tqdm(total=passes, desc="scoring", unit="pass", disable=not progress, leave=False) as bar:
-        scores = {"clip_t": clip_t(images, prompts, clip_model, device)}
-        bar.update(1)
+        def embed(fn: Callable[..., Any], *args: Any) -> Any:
+            out = fn(*args, device)
+            bar.update(1)
+            return out
+
+        scores = {"clip_t": embed(clip_t, images, prompts, clip_model)}
         if reference:
-            gen = clip_image_embeddings(images, clip_model, device)
-            bar.update(1)
-            ref = clip_image_embeddings(reference, clip_model, device)
-            bar.update(1)
+            gen, ref = (embed(clip_image_embeddings, x, clip_model) for x in (images, reference))
             scores["clip_i"] = mean_pairwise_cosine(gen, ref)
             if dino_model:
-                gen_d = dino_embeddings(images, dino_model, device)
-                bar.update(1)
-                ref_d = dino_embeddings(reference, dino_model, device)
-                bar.update(1)
-                scores["dino"] = mean_pairwise_cosine(gen_d, ref_d)
+                gen, ref = (embed(dino_embeddings, x, dino_model) for x in (images, reference))
+                scores["dino"] = mean_pairwise_cosine(gen, ref)
     return scores
 
 

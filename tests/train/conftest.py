@@ -32,3 +32,38 @@ def db_args(tiny_sd, concept_dir, tmp_path):
         ]
 
     return make
+
+
+@pytest.fixture
+def interrupted_after():
+    """``interrupted_after(monkeypatch, step)``: the next run stops like a killed process right
+    after it wrote checkpoint-``step``."""
+    from difflora.train import checkpoint as ckpt
+
+    def install(monkeypatch, step: int) -> None:
+        real = ckpt.save_checkpoint
+
+        def save_then_die(output_dir, at_step, *args, **kwargs):
+            path = real(output_dir, at_step, *args, **kwargs)
+            if at_step == step:
+                raise KeyboardInterrupt
+            return path
+
+        monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+
+    return install
+
+
+@pytest.fixture
+def unet_out():
+    """``unet_out(unet)``: the UNet's output on one fixed random input (to compare two UNets)."""
+    import torch
+
+    @torch.no_grad()
+    def out(unet):
+        g = torch.Generator().manual_seed(0)
+        sample = torch.randn(2, unet.config.in_channels, 8, 8, generator=g)
+        hidden = torch.randn(2, 8, unet.config.cross_attention_dim, generator=g)
+        return unet(sample, 10, hidden).sample
+
+    return out

@@ -36,30 +36,17 @@ def _same(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def _interrupted_after(monkeypatch, step: int) -> None:
-    """Make the next run stop like a killed process right after it wrote checkpoint-``step``."""
-    real = ckpt.save_checkpoint
-
-    def save_then_die(output_dir, at_step, *args, **kwargs):
-        path = real(output_dir, at_step, *args, **kwargs)
-        if at_step == step:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
-
-
 # ---- resume --------------------------------------------------------------------------------------
 
 
-def test_cached_latents_resume_is_bit_identical(db_args, tmp_path, monkeypatch):
+def test_cached_latents_resume_is_bit_identical(db_args, tmp_path, monkeypatch, interrupted_after):
     """--cache_latents draws each image's VAE sample from (seed, image): an interrupted run whose
     cache starts empty on resume ends with the uninterrupted run's weights, bit for bit."""
     flags = ["--max_train_steps", "5", "--checkpointing_steps", "2", "--cache_latents", "--random_flip",
              "--learning_rate", "1e-2", "--num_validation_images", "0"]
     run(db_args("whole", *flags))
     with monkeypatch.context() as m:
-        _interrupted_after(m, 2)
+        interrupted_after(m, 2)
         with pytest.raises(KeyboardInterrupt):
             run(db_args("cut", *flags))
     assert not (tmp_path / "cut" / "pytorch_lora_weights.safetensors").exists()

@@ -7,7 +7,6 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
-from torch import nn
 
 from difflora.config import parse_config
 from difflora.errors import UserError
@@ -17,14 +16,6 @@ from difflora.train.dreambooth import DreamBoothConfig, train
 CONVS = (".resnets.0.conv1.", ".resnets.0.conv2.", ".downsamplers.0.conv.", ".upsamplers.0.conv.")
 
 
-@torch.no_grad()
-def _unet_out(unet: nn.Module) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, unet.config.in_channels, 8, 8, generator=g)
-    hidden = torch.randn(2, 8, unet.config.cross_attention_dim, generator=g)
-    return unet(sample, 10, hidden).sample
-
-
 def test_preset_adds_the_3x3_convs_and_not_conv_in_out():
     linear, conv = LORA_TARGET_PRESETS["all-linear"], LORA_TARGET_PRESETS["all-linear+conv"]
     assert set(conv["unet"]) - set(linear["unet"]) == {"conv1", "conv2", "conv"}
@@ -32,7 +23,7 @@ def test_preset_adds_the_3x3_convs_and_not_conv_in_out():
     assert not {"conv_in", "conv_out"} & set(conv["unet"])
 
 
-def test_conv_lora_trains_preconditioned_and_stock_diffusers_reproduces_it(db_args, tiny_sd, tmp_path):
+def test_conv_lora_trains_preconditioned_and_stock_diffusers_reproduces_it(db_args, tiny_sd, tmp_path, unet_out):
     seen: dict = {}
 
     def record(step, trainer):
@@ -61,12 +52,12 @@ def test_conv_lora_trains_preconditioned_and_stock_diffusers_reproduces_it(db_ar
     assert saved[key].dim() == 4 and torch.equal(saved[key], trainer.trainable[key.replace(".weight", ".default.weight")])
 
     unet = trainer.unwrapped()[0].eval()
-    trained = _unet_out(unet)
+    trained = unet_out(unet)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
-    before = _unet_out(pipe.unet)
+    before = unet_out(pipe.unet)
     assert (trained - before).abs().max() > 1e-4
     pipe.load_lora_weights(tmp_path / "out")  # stock diffusers, default file name
-    torch.testing.assert_close(_unet_out(pipe.unet), trained, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unet_out(pipe.unet), trained, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_target_preset_is_refused(db_args):

@@ -67,15 +67,7 @@ def test_magnitude_is_unpaired_and_gets_the_plain_rule(name, plain):
     assert not torch.allclose(params[a], ref[a], atol=1e-4)  # the A factor was preconditioned
 
 
-@torch.no_grad()
-def _unet_out(unet: nn.Module) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, unet.config.in_channels, 8, 8, generator=g)
-    hidden = torch.randn(2, 8, unet.config.cross_attention_dim, generator=g)
-    return unet(sample, 10, hidden).sample
-
-
-def test_dreambooth_dora_trains_the_magnitude_and_stock_diffusers_reproduces_it(db_args, tiny_sd, tmp_path):
+def test_dreambooth_dora_trains_the_magnitude_and_stock_diffusers_reproduces_it(db_args, tiny_sd, tmp_path, unet_out):
     seen: dict = {}
 
     def record(step, trainer):
@@ -90,13 +82,13 @@ def test_dreambooth_dora_trains_the_magnitude_and_stock_diffusers_reproduces_it(
     moved = max((trainer.trainable[n] - v).abs().max().item() for n, v in seen["start"].items())
     assert moved > 1e-4  # the magnitudes trained (plain AdamW on them)
     unet = trainer.unwrapped()[0].eval()
-    trained = _unet_out(unet)
+    trained = unet_out(unet)
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
-    before = _unet_out(pipe.unet)
+    before = unet_out(pipe.unet)
     assert (trained - before).abs().max() > 1e-4
     pipe.load_lora_weights(tmp_path / "out")  # stock diffusers, default file name (magnitudes included)
-    torch.testing.assert_close(_unet_out(pipe.unet), trained, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unet_out(pipe.unet), trained, rtol=1e-5, atol=1e-5)
 
 
 def test_edlora_refuses_dora(tiny_sd, tmp_path):

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from difflora.config import parse_config
 from difflora.errors import UserError
 from difflora.mix_of_show import edlora
-from difflora.train import checkpoint as ckpt
 from difflora.train import validation
 from difflora.train.dreambooth import DreamBoothConfig, train
 from difflora.train.engine import EMA_DIR
@@ -76,24 +75,12 @@ def test_ema_is_the_average_of_the_raw_trajectory_and_samples_use_it(db_args, tm
     assert last.keys() == saved_ema.keys() and all(torch.equal(last[k], saved_ema[k]) for k in saved_ema)
 
 
-def _interrupted_after(monkeypatch, step: int) -> None:
-    real = ckpt.save_checkpoint
-
-    def save_then_die(output_dir, at_step, *args, **kwargs):
-        path = real(output_dir, at_step, *args, **kwargs)
-        if at_step == step:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
-
-
-def test_resume_gives_the_uninterrupted_ema_bit_for_bit(db_args, tmp_path, monkeypatch):
+def test_resume_gives_the_uninterrupted_ema_bit_for_bit(db_args, tmp_path, monkeypatch, interrupted_after):
     flags = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-2", "--use_ema",
              "--ema_decay", "0.5", "--num_validation_images", "0"]
     run(db_args("whole", *flags))
     with monkeypatch.context() as m:
-        _interrupted_after(m, 2)
+        interrupted_after(m, 2)
         with pytest.raises(KeyboardInterrupt):
             run(db_args("cut", *flags))
     assert (tmp_path / "cut" / "checkpoint-2" / "ema.safetensors").is_file()
