@@ -280,3 +280,43 @@ def test_mask_dir_weights_the_dreambooth_loss(tiny_sd, tmp_path):
     # Step 1 of both runs has the same weights, noise and timesteps: only the mask differs.
     torch.testing.assert_close(plain.losses[0]["pred"], first["pred"])
     assert not torch.allclose(plain.losses[0]["loss"], first["loss"])
+
+
+# ---- all together ---------------------------------------------------------------------------------
+
+
+def test_mixed_photos_with_every_feature_resume_bit_identically_and_load_in_diffusers(
+        tiny_sd, mixed, tmp_path, monkeypatch, interrupted_after):
+    """Landscape, portrait and square images in buckets, captions shuffled and dropped, EMA and
+    DoRA on: an interrupted run resumed from its checkpoint ends with the uninterrupted run's raw
+    and EMA files bit for bit, and stock diffusers loads both and is changed by them."""
+    from diffusers import StableDiffusionPipeline
+
+    for i, image in enumerate(sorted(mixed.glob("*.png"))):
+        image.with_suffix(".txt").write_text(f"sks star, {image.stem}, tag{i}, solid")
+    flags = (*BUCKET_FLAGS, "--random_flip", "--captions", "--shuffle_caption", "--keep_tokens", "1",
+             "--caption_dropout_rate", "0.3", "--use_ema", "--ema_decay", "0.5", "--use_dora",
+             "--checkpointing_steps", "2")
+    train(parse_config(DreamBoothConfig, _argv(tiny_sd, mixed, tmp_path / "whole", *flags, steps=5)))
+    with monkeypatch.context() as m:
+        interrupted_after(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train(parse_config(DreamBoothConfig, _argv(tiny_sd, mixed, tmp_path / "cut", *flags, steps=5)))
+    train(parse_config(DreamBoothConfig, _argv(tiny_sd, mixed, tmp_path / "cut", *flags,
+                                               "--resume_from_checkpoint", "latest", steps=5)))
+    for sub in (".", "ema"):
+        a = load_file(tmp_path / "whole" / sub / "pytorch_lora_weights.safetensors")
+        b = load_file(tmp_path / "cut" / sub / "pytorch_lora_weights.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+        assert any("magnitude" in k for k in a), sub  # DoRA's magnitudes are in the file
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8, generator=g)
+    hidden = torch.randn(1, 8, pipe.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        base = pipe.unet(sample, 10, hidden).sample
+        for sub in (".", "ema"):
+            pipe.load_lora_weights(str(tmp_path / "whole" / sub), adapter_name=f"a{len(sub)}")
+            pipe.set_adapters([f"a{len(sub)}"])
+            assert not torch.allclose(pipe.unet(sample, 10, hidden).sample, base, atol=1e-6), sub
