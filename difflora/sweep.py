@@ -222,12 +222,10 @@ def _by_lr(rows: list[dict], optimizer: str, key: str) -> dict[float, list[float
 
 def plot_metric(rows: list[dict], key: str, path: Path, ylabel: str, log_y: bool = False) -> None:
     """``key`` vs learning rate (log x), one line per optimizer (seed mean) with the min-max band."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend switch in the caller's process
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
     for opt in dict.fromkeys(r["optimizer"] for r in rows):
         series = _by_lr(rows, opt, key)
         if not series:
@@ -247,7 +245,6 @@ def plot_metric(rows: list[dict], key: str, path: Path, ylabel: str, log_y: bool
         ax.legend()
     fig.tight_layout()
     atomic_write(path, fig.savefig)
-    plt.close(fig)
 
 
 def summarise(rows: list[dict], metrics: list[str]) -> dict[str, dict[str, Any]]:

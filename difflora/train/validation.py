@@ -99,13 +99,14 @@ def sample_grid(pipe, prompts: list[str], seeds: list[int], resolution: int, ste
 
 
 def plot_loss(losses: list[float], path: Path) -> None:
-    """Raw per-step loss and a moving average."""
-    import matplotlib
+    """Raw per-step loss and a moving average (matplotlib's Figure API: no pyplot, no global
+    backend switch in the caller's process)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from difflora.output_dir import atomic_write
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
     steps = list(range(1, len(losses) + 1))
     ax.plot(steps, losses, alpha=0.35, label="loss")
     k = max(1, len(losses) // 20)
@@ -117,10 +118,7 @@ def plot_loss(losses: list[float], path: Path) -> None:
     ax.set_ylabel("diffusion loss")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_write(path, fig.savefig)
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
