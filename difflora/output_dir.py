@@ -424,8 +424,11 @@ def _create(out: Path, what: str) -> None:
             out.mkdir(parents=True)
             _CREATED.add(out.resolve())
     except FileExistsError:
-        raise UserError(f"cannot create {what} '{out}': part of the path is a file; choose a folder path") \
-            from None
+        # Another process (a DDP rank started at the same moment) made it between the check and
+        # mkdir: that is the folder we wanted. Only a file in the way is an error.
+        if not out.is_dir():
+            raise UserError(f"cannot create {what} '{out}': part of the path is a file; choose a folder path") \
+                from None
     except OSError as err:
         raise UserError(f"cannot create {what} '{out}' ({err.strerror}); choose a writable folder") from None
     probe = out / f".difflora-probe.tmp-{os.getpid()}"

@@ -37,3 +37,14 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     from difflora.tiny_models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-sdxl") / "model", sdxl=True, with_eval_models=False)
+
+
+@pytest.fixture
+def child_error():
+    """``child_error(stderr)``: a launched child's own one-line errors first, then the tail (the
+    launcher's summary would otherwise push them out of the assertion message)."""
+    def pick(stderr: str) -> str:
+        own = [line for line in stderr.splitlines() if "error:" in line and "torch" not in line]
+        return "\n".join(own[-5:]) + "\n...\n" + stderr[-1500:]
+
+    return pick

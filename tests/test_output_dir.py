@@ -339,3 +339,27 @@ def test_lock_holder_sees_a_consistent_file(tmp_path):
             prepare_output_dir(out, JOB, overwrite=False, lock=True)  # not re-entrant within a process
     finally:
         release_output_dir(out)
+
+
+def test_folder_made_by_another_process_meanwhile_is_used(tmp_path, monkeypatch):
+    """Two DDP ranks create output_dir at the same moment: the one whose mkdir loses the race uses
+    the folder the other made (it was once refused as 'part of the path is a file')."""
+    from pathlib import Path
+
+    from difflora import output_dir as od
+
+    out = tmp_path / "out"
+    real_mkdir = Path.mkdir
+
+    def racing_mkdir(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)  # the other rank wins the race ...
+        raise FileExistsError(self)  # ... and this one's mkdir finds the folder there
+
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    od._create(out, "output_dir")
+    monkeypatch.undo()
+    assert out.is_dir()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        od._create(blocker, "output_dir")

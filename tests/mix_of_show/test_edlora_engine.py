@@ -30,12 +30,12 @@ def _file(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / edlora.EDLORA_FILE)
 
 
-def test_two_processes_match_one(tiny_sd, tmp_path):
+def test_two_processes_match_one(tiny_sd, tmp_path, child_error):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "mix_of_show" / "train_edlora.py"), *_args(tiny_sd, tmp_path / "two", "--train_batch_size", "1")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, child_error(proc.stderr)
     assert proc.stdout.count("done:") == 1  # only the main process reports
     proc = subprocess.run([sys.executable, str(ROOT / "mix_of_show" / "train_edlora.py"),
                            *_args(tiny_sd, tmp_path / "one", "--train_batch_size", "2")],

@@ -13,19 +13,19 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_two_processes_match_one(db_args, tmp_path):
+def test_two_processes_match_one(db_args, tmp_path, child_error):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     two = db_args("two", "--train_batch_size", "1", "--max_train_steps", "3", "--learning_rate", "1e-2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train_dreambooth.py"), *two]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, child_error(proc.stderr)
     assert proc.stdout.count("done:") == 1  # only the main process reports
 
     one = db_args("one", "--train_batch_size", "2", "--max_train_steps", "3", "--learning_rate", "1e-2")
     proc = subprocess.run([sys.executable, str(ROOT / "train_dreambooth.py"), *one], env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, child_error(proc.stderr)
 
     a = load_file(tmp_path / "two" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "one" / "pytorch_lora_weights.safetensors")
@@ -35,7 +35,7 @@ def test_two_processes_match_one(db_args, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-3
 
 
-def test_sdxl_text_encoder_lora_trains_only_layers_that_reach_the_unet(tiny_sdxl, concept_dir, tmp_path):
+def test_sdxl_text_encoder_lora_trains_only_layers_that_reach_the_unet(tiny_sdxl, concept_dir, tmp_path, child_error):
     """SDXL reads the first encoder's penultimate layer: a LoRA after it would never get a gradient
     (and DDP refuses unused parameters), so it stays out of the optimizer; two processes run."""
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
@@ -46,7 +46,7 @@ def test_sdxl_text_encoder_lora_trains_only_layers_that_reach_the_unet(tiny_sdxl
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train_dreambooth.py"), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, child_error(proc.stderr)
     trained = load_file(tmp_path / "xl" / "checkpoint-1" / "weights.safetensors")
 
     def layers(prefix: str) -> set[int]:
