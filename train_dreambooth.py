@@ -13,9 +13,9 @@ def _main() -> None:
         from difflora.cli import main as cli_main
 
         cli_main(["dreambooth", "--help"])
-    from difflora.train.dreambooth import main  # imported under the guard: Ctrl-C here is exit 130 too
+    from difflora.errors import import_job  # Ctrl-C during the import: exit 130, never an abort
 
-    main()
+    import_job("difflora.train.dreambooth").main()
 
 
 if __name__ == "__main__":

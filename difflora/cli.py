@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from difflora.errors import exit_on_user_error
+from difflora.errors import exit_on_user_error, import_job
 
 # name -> (module path, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     console.setup(verbose)  # before the job's imports: library chatter off unless --verbose
     # The import is inside the guard too: it takes seconds (torch, diffusers), and Ctrl-C during it
     # is an interrupt like any other (one line, exit 130), not a traceback.
-    exit_on_user_error(lambda: importlib.import_module(SUBCOMMANDS[name][0]).main(rest), prog=f"difflora {name}")
+    exit_on_user_error(lambda: import_job(SUBCOMMANDS[name][0]).main(rest), prog=f"difflora {name}")
 
 
 if __name__ == "__main__":

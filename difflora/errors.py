@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -50,3 +50,25 @@ def exit_on_user_error(fn: Callable[[], T], prog: str = "difflora") -> T:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(141) from None
+
+
+def import_job(name: str) -> Any:
+    """Import a job's module (torch, diffusers) with Ctrl-C held back until the import is done.
+
+    A SIGINT that lands while torch's C extensions initialise can abort the process (SIGABRT, or
+    an exit by the signal) instead of raising KeyboardInterrupt. Blocked here, the signal stays
+    pending and is delivered the moment the import ends, as an ordinary KeyboardInterrupt that
+    :func:`exit_on_user_error` turns into "interrupted", exit 130.
+    """
+    import importlib
+    import signal
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        return importlib.import_module(name)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return importlib.import_module(name)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
