@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from difflora.optim.pairing import FactorPair, pair_factors
-from difflora.optim.preconditioner import PreconditionPlan, precondition_pairs
+from difflora.optim.plan import PreconditionPlan
+from difflora.optim.preconditioner import precondition_pairs
 
 NamedParams = Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]]
 
@@ -50,7 +51,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     Subclasses read gradients through :meth:`_grads_for_step` instead of ``p.grad``.
     """
 
-    def __init__(self, params: NamedParams, defaults: dict[str, Any]) -> None:
+    def __init__(self, params: NamedParams, defaults: dict[str, Any], flatten: bool = True) -> None:
+        self.flatten = flatten  # see difflora.optim.plan: factors moved into one buffer per bucket
         groups = list(params)
         if not groups:
             raise ValueError("optimizer got an empty parameter list")
@@ -79,6 +81,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._pairs = None
         self._plan = None
+        self.__dict__.pop("_lists_cache", None)  # subclasses' per-step lists hold the old state
 
     def _pairing(self) -> list[FactorPair]:
         key = tuple(tuple(map(id, g["params"])) for g in self.param_groups)
@@ -119,8 +122,9 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         b_grads = [p.grad for p in b_params]
         sig = PreconditionPlan.signature_of(a_params, b_params, a_grads, b_grads)
         plan = self._plan
-        if plan is None or plan.signature != sig:
-            plan = self._plan = PreconditionPlan(sig, a_params, b_params, a_grads, b_grads)
+        if plan is None or plan.signature != sig or not plan.intact():
+            plan = self._plan = PreconditionPlan(sig, a_params, b_params, a_grads, b_grads,
+                                                 flatten=getattr(self, "flatten", True))
         a_regs = [groups[i]["reg"] for i in a_groups]
         b_regs = [groups[i]["reg"] for i in b_groups]
         if plan.uniform:

@@ -95,14 +95,14 @@ def _products(inv: Tensor, grads: list[Tensor], cdtype: torch.dtype, preconditio
     return [torch.mm(g.to(cdtype), p).to(dtype) for p, g in zip(inv.unbind(0), grads)]
 
 
-def _regs(values: list[float], device: torch.device) -> float | Tensor:
+def reg_values(values: list[float], device: torch.device) -> float | Tensor:
     first = values[0]
     if all(v == first for v in values):
         return float(first)
     return torch.tensor(values, dtype=torch.float64, device=device)
 
 
-def _buckets(a_params: Sequence[Tensor], b_params: Sequence[Tensor], a_grads: Sequence[Tensor | None],
+def bucket_pairs(a_params: Sequence[Tensor], b_params: Sequence[Tensor], a_grads: Sequence[Tensor | None],
              b_grads: Sequence[Tensor | None]) -> dict[tuple, list[int]]:
     """Pair indices grouped by (shapes, dtypes, device, which gradients are missing)."""
     out: dict[tuple, list[int]] = {}
@@ -112,7 +112,7 @@ def _buckets(a_params: Sequence[Tensor], b_params: Sequence[Tensor], a_grads: Se
     return out
 
 
-def _bucket_mode(a_shape: torch.Size, b_shape: torch.Size, a_dtype: torch.dtype, b_dtype: torch.dtype,
+def bucket_mode(a_shape: torch.Size, b_shape: torch.Size, a_dtype: torch.dtype, b_dtype: torch.dtype,
                  count: int) -> tuple[torch.dtype, bool]:
     """(compute dtype, stacked?) of a bucket. Small factors: stack the bucket and use batched
     matmuls (few kernel launches). Large factors: the stacking copies cost more than the
@@ -139,13 +139,13 @@ def precondition_pairs(
     n = len(a_params)
     out_a: list[Tensor | None] = [None] * n
     out_b: list[Tensor | None] = [None] * n
-    buckets = _buckets(a_params, b_params, a_grads, b_grads)
+    buckets = bucket_pairs(a_params, b_params, a_grads, b_grads)
     for (a_shape, b_shape, a_dtype, b_dtype, device, no_ga, no_gb), ks in buckets.items():
         if no_ga and no_gb:
             continue
         r = a_shape[0]
         count = len(ks)
-        cdtype, stacked = _bucket_mode(a_shape, b_shape, a_dtype, b_dtype, count)
+        cdtype, stacked = bucket_mode(a_shape, b_shape, a_dtype, b_dtype, count)
         grams = []
         if not no_ga:  # P_A needs B^T B
             grams.append(_grams([b_params[k].reshape(b_shape[0], r) for k in ks], cdtype, left=True,
@@ -158,7 +158,7 @@ def precondition_pairs(
         if not no_gb:
             regs += [b_regs[k] for k in ks]
         gram = grams[0] if len(grams) == 1 else torch.cat(grams)
-        inv = damped_inverse(gram, _regs(regs, device))
+        inv = damped_inverse(gram, reg_values(regs, device))
         if not no_ga:
             p_a = inv[:count]
             gas = [a_grads[k].reshape(r, -1) for k in ks]  # type: ignore[union-attr]
@@ -170,158 +170,3 @@ def precondition_pairs(
             for k, g in zip(ks, _products(p_b, gbs, cdtype, precondition_left=False, stacked=stacked)):
                 out_b[k] = g.view(b_shape)
     return out_a, out_b
-
-
-class PreconditionPlan:
-    """The bucketing of :func:`precondition_pairs`, cached between optimizer steps.
-
-    Built from the pairs' shapes, dtypes, devices and which gradients are present (its
-    ``signature``); everything it holds is derived data -- the bucket index lists and reusable
-    buffers for the stacked factors, the Gram matrices and the preconditioned gradients -- so it
-    is never saved and is rebuilt whenever the signature changes. :meth:`run` performs exactly the
-    same kernels as :func:`precondition_pairs` (same bucketing, same stacked / per-tensor choice,
-    same dtypes), writing into the buffers instead of fresh tensors. The tensors it returns are
-    views of those buffers: they are overwritten by the next :meth:`run`.
-    """
-
-    def __init__(self, signature: tuple, a_params: Sequence[Tensor], b_params: Sequence[Tensor],
-                 a_grads: Sequence[Tensor | None], b_grads: Sequence[Tensor | None]) -> None:
-        self.signature = signature
-        n = len(a_params)
-        self.n = n
-        keyed = _buckets(a_params, b_params, a_grads, b_grads)
-        self.buckets = []
-        # A bucket whose gradients mix dtypes is left to precondition_pairs (``uniform`` is False).
-        self.uniform = all(
-            len({g.dtype for g in (grads[k] for k in ks) if g is not None}) <= 1
-            for ks in keyed.values() for grads in (a_grads, b_grads))
-        for (a_shape, b_shape, a_dtype, b_dtype, device, no_ga, no_gb), ks in keyed.items():
-            if no_ga and no_gb:
-                continue
-            r = a_shape[0]
-            count = len(ks)
-            cdtype, stacked = _bucket_mode(a_shape, b_shape, a_dtype, b_dtype, count)
-            a_cols = a_shape.numel() // r
-            b_rows = b_shape[0]
-            n_gram = (0 if no_ga else count) + (0 if no_gb else count)
-            bucket = dict(
-                ks=ks, r=r, a_shape=a_shape, b_shape=b_shape, a_cols=a_cols, b_rows=b_rows, cdtype=cdtype,
-                count=count, stacked=stacked, no_ga=no_ga, no_gb=no_gb,
-                a_flat=len(a_shape) == 2, b_flat=len(b_shape) == 2,
-                gram=torch.empty(n_gram, r, r, dtype=cdtype, device=device),
-            )
-            if not no_ga:  # output buffer for P_A g_A, in the dtype of the bucket's first g_A
-                ga_dtype = a_grads[ks[0]].dtype  # type: ignore[union-attr]
-                buf = torch.empty(count, *a_shape, dtype=ga_dtype, device=device)
-                bucket["out_a"] = buf.view(count, r, a_cols)
-                bucket["out_a_list"] = list(buf.unbind(0))
-                if stacked:
-                    bucket["b_stack"] = torch.empty(count, b_rows, r, dtype=b_dtype, device=device)
-                    bucket["ga_stack"] = torch.empty(count, r, a_cols, dtype=ga_dtype, device=device)
-            if not no_gb:
-                gb_dtype = b_grads[ks[0]].dtype  # type: ignore[union-attr]
-                buf = torch.empty(count, *b_shape, dtype=gb_dtype, device=device)
-                bucket["out_b"] = buf.view(count, b_rows, r)
-                bucket["out_b_list"] = list(buf.unbind(0))
-                if stacked:
-                    bucket["a_stack"] = torch.empty(count, r, a_cols, dtype=a_dtype, device=device)
-                    bucket["gb_stack"] = torch.empty(count, b_rows, r, dtype=gb_dtype, device=device)
-            self.buckets.append(bucket)
-
-    @staticmethod
-    def signature_of(a_params: Sequence[Tensor], b_params: Sequence[Tensor],
-                     a_grads: Sequence[Tensor | None], b_grads: Sequence[Tensor | None]) -> tuple:
-        """What the plan depends on; raises ``RuntimeError`` for a sparse gradient."""
-        sig = []
-        for a, b, ga, gb in zip(a_params, b_params, a_grads, b_grads):
-            if ga is not None:
-                if ga.is_sparse:
-                    raise RuntimeError("scaled optimizers do not support sparse gradients")
-                ga = ga.dtype
-            if gb is not None:
-                if gb.is_sparse:
-                    raise RuntimeError("scaled optimizers do not support sparse gradients")
-                gb = gb.dtype
-            sig.append((a.shape, b.shape, a.dtype, b.dtype, a.device, ga, gb))
-        return tuple(sig)
-
-    @staticmethod
-    def _stack(tensors: list[Tensor], buf: Tensor, cdtype: torch.dtype) -> Tensor:
-        torch.stack(tensors, out=buf)
-        return buf.to(cdtype)
-
-    @classmethod
-    def _multiply_into(cls, precond: Tensor, grads: list, dst: Tensor, stack_buf: Tensor | None,
-                       cdtype: torch.dtype, left: bool) -> None:
-        """``dst[i] = P_i g_i`` (``left``) or ``g_i P_i``: one batched matmul when the bucket is
-        stacked (``stack_buf`` given), else one matmul per pair; computed in ``cdtype``."""
-        if stack_buf is not None:
-            triples = [(precond, cls._stack(grads, stack_buf, cdtype), dst)]
-            mm = torch.bmm
-        else:
-            triples = [(p, g.to(cdtype), d) for p, g, d in zip(precond.unbind(0), grads, dst)]
-            mm = torch.mm
-        for p, g, d in triples:
-            x, y = (p, g) if left else (g, p)
-            if d.dtype == cdtype:
-                mm(x, y, out=d)
-            else:
-                d.copy_(mm(x, y))
-
-    def run(self, a_params: Sequence[Tensor], b_params: Sequence[Tensor],
-            a_grads: Sequence[Tensor | None], b_grads: Sequence[Tensor | None],
-            a_regs: Sequence[float], b_regs: Sequence[float]) -> tuple[list[Tensor | None], list[Tensor | None]]:
-        """Same results as ``precondition_pairs`` with the same arguments (as views of reused buffers)."""
-        out_a: list[Tensor | None] = [None] * self.n
-        out_b: list[Tensor | None] = [None] * self.n
-        for bk in self.buckets:
-            ks, r, count, cdtype, stacked = bk["ks"], bk["r"], bk["count"], bk["cdtype"], bk["stacked"]
-            no_ga, no_gb = bk["no_ga"], bk["no_gb"]
-            a_cols, b_rows = bk["a_cols"], bk["b_rows"]
-            gram = bk["gram"]
-            b_list = [b_params[k] for k in ks]
-            a_list = [a_params[k] for k in ks]
-            if not bk["b_flat"]:
-                b_list = [b.reshape(b_rows, r) for b in b_list]
-            if not bk["a_flat"]:
-                a_list = [a.reshape(r, a_cols) for a in a_list]
-            regs: list[float] = []
-            start = 0
-            if not no_ga:  # B^T B
-                g = gram[:count]
-                if stacked:
-                    f = self._stack(b_list, bk["b_stack"], cdtype)
-                    torch.bmm(f.transpose(1, 2), f, out=g)
-                else:
-                    for i, f in enumerate(b_list):
-                        f = f.to(cdtype)
-                        torch.mm(f.T, f, out=g[i])
-                regs += [a_regs[k] for k in ks]
-                start = count
-            if not no_gb:  # A A^T
-                g = gram[start:]
-                if stacked:
-                    f = self._stack(a_list, bk["a_stack"], cdtype)
-                    torch.bmm(f, f.transpose(1, 2), out=g)
-                else:
-                    for i, f in enumerate(a_list):
-                        f = f.to(cdtype)
-                        torch.mm(f, f.T, out=g[i])
-                regs += [b_regs[k] for k in ks]
-            inv = damped_inverse(gram, _regs(regs, gram.device))
-            if not no_ga:  # P_A g_A
-                gas = [a_grads[k] for k in ks]
-                if not bk["a_flat"]:
-                    gas = [g.reshape(r, a_cols) for g in gas]  # type: ignore[union-attr]
-                self._multiply_into(inv[:count], gas, bk["out_a"], bk.get("ga_stack"), cdtype, left=True)
-                for k, t in zip(ks, bk["out_a_list"]):
-                    out_a[k] = t
-            if not no_gb:  # g_B P_B
-                gbs = [b_grads[k] for k in ks]
-                if not bk["b_flat"]:
-                    gbs = [g.reshape(b_rows, r) for g in gbs]  # type: ignore[union-attr]
-                p_b = inv[count:] if not no_ga else inv
-                self._multiply_into(p_b, gbs, bk["out_b"], bk.get("gb_stack"), cdtype, left=False)
-                for k, t in zip(ks, bk["out_b_list"]):
-                    out_b[k] = t
-        return out_a, out_b

@@ -29,6 +29,7 @@ class ScaledSGD(PreconditionedOptimizer):
         params: ``model.named_parameters()`` or groups whose ``params`` are ``(name, parameter)``
             pairs; frozen parameters are dropped. A pair may span two groups.
         reg: damping of the ``r x r`` Gram matrices, per group (see ``ScaledAdamW`` and ``DEFAULT_REG``).
+        flatten: one contiguous buffer per bucket of same-shaped factors (see ``ScaledAdamW``).
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class ScaledSGD(PreconditionedOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        flatten: bool = True,
     ) -> None:
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"lr, momentum and weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}")
@@ -50,7 +52,7 @@ class ScaledSGD(PreconditionedOptimizer):
             raise ValueError("nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay, reg=check_reg(reg), maximize=maximize, foreach=foreach)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, flatten=flatten)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
