@@ -248,7 +248,10 @@ def test_manifest_that_is_not_a_mapping(tmp_path, capsys):
     [sys.executable, "mix_of_show/sample_regions.py", "--model", "m", "--prompt", "a", "--output_dir", "o"],
 ])
 def test_ctrl_c_during_start_up_is_one_line_exit_130(command):
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background job (``pytest ... &``) starts with SIGINT ignored and its children inherit
+    # that, as Unix wants; the child here gets the default disposition a terminal's Ctrl-C meets.
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.4)  # the interpreter is up; the command is still importing torch and diffusers
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

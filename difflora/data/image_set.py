@@ -74,6 +74,14 @@ class ImageSet:
         self._bucket_of = [self.sizes[i] for i in self.entries]
         self._orders: dict[tuple[int, int], list[int]] = {}
 
+    @property
+    def fixed_pixels(self) -> bool:
+        """Whether every draw of an image gives the same pixels: no flips, and crops with no freedom
+        (centred, or the resized image already has the crop's size). Its latents can then be reused."""
+        if self.random_flip:
+            return False
+        return self.center_crop or all(cover_size(im.size, t) == t for im, t in zip(self.images, self.sizes))
+
     def __len__(self) -> int:
         """Entries per epoch: each image ``repeats`` times."""
         return len(self.entries)

@@ -74,11 +74,22 @@ def draw(images: ImageSet, k: int, batch: int = 1) -> Example:
 @torch.no_grad()
 def encode_images(vae: nn.Module, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """VAE posterior sample per example (each with its own generator) times the scaling factor."""
+    return sample_latents(vae, *posterior(vae, pixels), generators)
+
+
+@torch.no_grad()
+def posterior(vae: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of the VAE's latent distribution for a batch of images."""
     dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators]).to(dist.mean)
-    latents = dist.mean + dist.std * eps
+    return dist.mean, dist.std
+
+
+def sample_latents(vae: nn.Module, mean: torch.Tensor, std: torch.Tensor,
+                   generators: list[torch.Generator]) -> torch.Tensor:
+    """``mean + std * eps`` with each example's own ``eps``, shifted and scaled as the UNet expects."""
+    eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators]).to(mean)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
+    return (mean + std * eps - shift) * vae.config.scaling_factor
 
 
 def noise_and_timesteps(shape: torch.Size, generators: list[torch.Generator], num_timesteps: int,
@@ -99,28 +110,52 @@ def latent_mask(masks: list[torch.Tensor], size: tuple[int, int] | torch.Size) -
 class LatentSource:
     """Latents of drawn examples: encoded every time, or once per image when cached.
 
-    A cached image's VAE sample is drawn from a generator keyed by (seed, stream, image content),
-    not by the example number that first met the image: a resumed run starts with an empty cache
-    and must draw the same sample the uninterrupted run drew epochs earlier.
+    ``cache`` (``--cache_latents``): one VAE sample per image, drawn from a generator keyed by
+    (seed, stream, image content), not by the example number that first met the image: a resumed
+    run starts with an empty cache and must draw the same sample the uninterrupted run drew
+    epochs earlier.
+
+    ``reuse[stream]``: that stream's images always give the same pixels (no flips, crops with no
+    freedom: :attr:`ImageSet.fixed_pixels`), so the VAE's posterior (mean, std) of each image is
+    kept and only the sample is drawn per example, with the example's own generator as without
+    reuse: the same draws without the VAE in the loop. Each image is encoded alone, so the kept
+    posterior never depends on which images shared its first batch (a resumed run keeps bits).
     """
 
-    def __init__(self, vae: nn.Module, seed: int, cache: bool):
+    def __init__(self, vae: nn.Module, seed: int, cache: bool, reuse: list[bool] | None = None):
         self.vae, self.seed, self.cache = vae, seed, cache
+        self.reuse = list(reuse or [])
         self._cached: dict[tuple[int, tuple[int, ...], bytes], torch.Tensor] = {}
+        self._posteriors: dict[tuple[int, tuple[int, ...], bytes], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def _key(stream: int, px: torch.Tensor) -> tuple[int, tuple[int, ...], bytes]:
+        digest = hashlib.sha256(px.detach().cpu().contiguous().numpy().tobytes()).digest()
+        return stream, tuple(px.shape), digest  # the shape too: buckets of equal area, same bytes
 
     def __call__(self, examples: list[Example], stream: int, ks: list[int]) -> torch.Tensor:
         pixels = torch.stack([e.pixel_values for e in examples])
-        if not self.cache:
-            return encode_images(self.vae, pixels, [example_generator(self.seed, stream, k) for k in ks])
-        out = []
-        for px in pixels:
-            digest = hashlib.sha256(px.detach().cpu().contiguous().numpy().tobytes()).digest()
-            key = (stream, tuple(px.shape), digest)  # the shape too: buckets of equal area, same bytes
-            if key not in self._cached:
-                gen = example_generator(self.seed, CACHE_STREAM + stream, int.from_bytes(digest[:4], "big"))
-                self._cached[key] = encode_images(self.vae, px[None], [gen])[0]
-            out.append(self._cached[key])
-        return torch.stack(out)
+        if self.cache:
+            out = []
+            for px in pixels:
+                key = self._key(stream, px)
+                if key not in self._cached:
+                    gen = example_generator(self.seed, CACHE_STREAM + stream, int.from_bytes(key[2][:4], "big"))
+                    self._cached[key] = encode_images(self.vae, px[None], [gen])[0]
+                out.append(self._cached[key])
+            return torch.stack(out)
+        gens = [example_generator(self.seed, stream, k) for k in ks]
+        if stream < len(self.reuse) and self.reuse[stream]:
+            kept = []
+            for px in pixels:
+                key = self._key(stream, px)
+                if key not in self._posteriors:
+                    self._posteriors[key] = posterior(self.vae, px[None])
+                kept.append(self._posteriors[key])
+            mean = torch.cat([m for m, _ in kept])
+            std = torch.cat([s for _, s in kept])
+            return sample_latents(self.vae, mean, std, gens)
+        return encode_images(self.vae, pixels, gens)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,7 +357,6 @@ class Trainer:
                 enc.gradient_checkpointing_enable()
         if getattr(cfg, "compile", False):  # after LoRA and dtypes; the module itself stays for DDP, saving, sampling
             compile_forward(base.unet)
-        self.latents = LatentSource(base.vae, cfg.seed, cfg.cache_latents)
 
     def _setup_optimizer(self, n_examples: int) -> None:
         from diffusers.optimization import get_scheduler
@@ -508,6 +542,8 @@ class Trainer:
         extra = job.class_images(self)
         if extra is not None:
             streams.append(extra)
+        self.latents = LatentSource(self.base.vae, cfg.seed, cfg.cache_latents,
+                                    reuse=[s.images.fixed_pixels for s in streams])
         self._setup_optimizer(streams[0].images.epoch_length(cfg.train_batch_size))
         self._resume()
         acc, accum = self.accelerator, cfg.gradient_accumulation_steps

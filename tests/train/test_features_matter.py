@@ -121,10 +121,12 @@ def _moved(w: dict[str, torch.Tensor]) -> float:
 
 
 def test_baseline_is_what_the_others_compare_to(baseline):
-    """Constant schedule, one encode per drawn image, only the instance prompt, unweighted loss."""
+    """Constant schedule, one encode per distinct image, only the instance prompt, unweighted loss."""
     assert baseline.summary["steps"] == 3
     assert baseline.lrs == [LR] * 3
-    assert baseline.encoded_images == 6
+    # 6 draws of 5 images whose pixels never change (no flips; 64 px squares resized to 32 px leave
+    # the crop no freedom): each image's posterior is kept, so the VAE sees 5 images.
+    assert baseline.encoded_images == 5
     assert set(baseline.prompts) == {PROMPT}
     assert set(baseline.snr_gammas) == {None}
     assert _moved(baseline.weights) > 0
@@ -157,6 +159,11 @@ def test_captions_reach_the_text_encoder(make_argv):
     assert set(spy.prompts) == captions  # three steps of two draw all five images
 
 
+def test_random_flips_encode_every_draw(make_argv):
+    spy = spied_train(make_argv("flip", "--random_flip"))
+    assert spy.encoded_images == 6  # flipped or not at random: no posterior is kept
+
+
 def test_cache_latents_encodes_each_image_once(make_argv):
     spy = spied_train(make_argv("cache", "--cache_latents", steps=4))
     assert spy.summary["steps"] == 4
@@ -171,7 +178,7 @@ def test_gradient_accumulation_equals_the_larger_batch(make_argv, baseline):
     sgd = ("--optimizer", "sgd", "--learning_rate", "1")
     spy = spied_train(make_argv("accum", "--gradient_accumulation_steps", "2", *sgd, steps=None, batch=1))
     assert spy.summary["steps"] == 3  # an epoch of 5 images is ceil(5 / (1 x 2)) optimizer steps, not 5
-    assert len(spy.lrs) == 3 and spy.encoded_images == 6
+    assert len(spy.lrs) == 3 and spy.encoded_images == 5  # 6 draws, 5 distinct images
     torch.testing.assert_close(torch.cat(spy.losses[:2]), baseline.losses[0])  # the same examples
     batch = spied_train(make_argv("batch", *sgd))
     assert _moved(batch.weights) > 1e-3

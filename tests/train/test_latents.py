@@ -1,0 +1,53 @@
+"""Latents of drawn examples: a kept VAE posterior gives the draws a fresh encoding gives."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+
+from difflora.data.image_set import ImageSet
+from difflora.train.engine import LatentSource, encode_images, example_generator
+
+
+def _vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8).eval()
+
+
+def _images(n: int, size: tuple[int, int]) -> list:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(1)
+    return [Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+
+
+def test_kept_posterior_draws_what_a_fresh_encoding_draws():
+    vae = _vae()
+    calls = []
+    hook = vae.encoder.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    images = ImageSet([], ["p"] * 3, 16, images=_images(3, (16, 16)), seed=3)
+    assert images.fixed_pixels
+    reuse = LatentSource(vae, seed=5, cache=False, reuse=[True])
+    batches = [[2 * step, 2 * step + 1] for step in range(4)]  # 8 draws of 3 images
+    got = [reuse([images.draw(k, 2) for k in ks], 0, ks) for ks in batches]
+    assert calls == [1, 1, 1]  # each image once, alone
+    hook.remove()
+    for ks, latents in zip(batches, got):
+        pixels = [images.draw(k, 2).pixel_values for k in ks]
+        want = torch.cat([encode_images(vae, px[None], [example_generator(5, 0, k)]) for px, k in zip(pixels, ks)])
+        torch.testing.assert_close(latents, want, rtol=0, atol=0)  # the same eps per example, the same posterior
+
+
+def test_pixels_that_can_change_are_never_kept():
+    crops = ImageSet([], ["p"] * 2, 16, images=_images(2, (24, 16)), seed=3)  # landscape: the crop moves
+    flips = ImageSet([], ["p"] * 2, 16, images=_images(2, (16, 16)), random_flip=True)
+    centred = ImageSet([], ["p"] * 2, 16, images=_images(2, (24, 16)), center_crop=True)
+    assert not crops.fixed_pixels and not flips.fixed_pixels and centred.fixed_pixels
+    vae = _vae()
+    calls = []
+    vae.encoder.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    source = LatentSource(vae, seed=0, cache=False, reuse=[crops.fixed_pixels])
+    for k in range(3):
+        source([crops.draw(k)], 0, [k])
+    assert calls == [1, 1, 1]
