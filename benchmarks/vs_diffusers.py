@@ -28,8 +28,11 @@ unchanged engine run with ``--ours /path/to/old/train_dreambooth.py``):
 - the weight finiteness check sums each tensor and reads one flag (one kernel per tensor instead of
   about five); only a non-finite flag runs the exact per-tensor check that names the weight;
 - the progress bar's postfix no longer forces a redraw every step (tqdm's own rate limit decides);
-- with the text encoders frozen, prompts were already encoded once and reused (both scripts encode
-  images every step: the peer has no ``--cache_latents``, so it is not passed to ours either).
+- with the text encoders frozen, prompts were already encoded once and reused;
+- an image whose pixels never change between draws (no flips, a crop with no freedom: the case
+  here) keeps its VAE posterior and only the sample is drawn per example, with the generator it
+  had before, so the draws are unchanged; the peer encodes every image every step (it has no
+  ``--cache_latents``, and that flag, which changes the draws, is not passed to ours either).
 
 Where the rest of the time goes (``python -X importtime`` and cProfile of a 40-step run): both
 processes spend most of a tiny run importing torch, diffusers (which imports torch._dynamo and
