@@ -19,6 +19,10 @@ Each cell is one (model, dtype, batch, gradient checkpointing) combination, run 
 * bare: the least a LoRA DreamBooth step can do on the same folder: VAE encode of a fixed batch,
   noise, UNet under autocast, MSE, backward, torch AdamW (GradScaler in fp16).
 
+The trainer encodes each image once and keeps its VAE posterior when its pixels cannot change
+between draws (no flips, a crop with no freedom: the case for these images), so it does less
+per step than the bare loop, which encodes every step; the difference is the VAE encoder's share.
+
 Both adapt the same modules (to_q, to_k, to_v, to_out.0, rank 4), keep the frozen weights in the
 cell's dtype and the LoRA factors in fp32. Times are medians over steps after warm-up, with
 ``torch.cuda.synchronize`` around each; peak memory is ``torch.cuda.max_memory_allocated`` over
