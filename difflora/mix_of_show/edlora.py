@@ -101,9 +101,6 @@ class EDLoRAConfig(TrainingOptions):
 
     def validate(self) -> None:
         self.validate_shared()
-        if self.use_dora:  # fusion merges concepts as deltas B A; a DoRA update also needs its magnitude
-            raise UserError("--use_dora is not available for ED-LoRA: the concept file and 'difflora fuse' "
-                            "hold plain LoRA deltas (B A), not DoRA magnitudes; train without --use_dora")
         words = self.words
         if len(self.initializers) != len(words) or not all(self.initializers):
             raise UserError(f"--initializer needs one entry per concept word ({len(words)}), e.g. 'rand+dog'; "
@@ -514,11 +511,12 @@ class EDLoRAJob(TrainingJob):
         torch.manual_seed(cfg.seed)  # LoRA A factors come from the global generator
         self.alpha = cfg.lora_alpha if cfg.lora_alpha is not None else float(cfg.rank)
         targets = LORA_TARGET_PRESETS["attention"]
-        add_lora(base.unet, cfg.rank, self.alpha, targets["unet"])
+        add_lora(base.unet, cfg.rank, self.alpha, targets["unet"], use_dora=cfg.use_dora)
         for i, encoder in enumerate(self.encoders):
             used = base.family.text_layers_used(i, encoder.config.num_hidden_layers)
             add_lora(encoder, cfg.rank, self.alpha, _text_targets(targets["text_encoder"], used,
-                                                                  encoder.config.num_hidden_layers))
+                                                                  encoder.config.num_hidden_layers),
+                     use_dora=cfg.use_dora)
         for embedding in self.embeddings:
             embedding.rows.requires_grad_(True)  # peft freezes every non-LoRA parameter it finds
         install_layerwise(base.unet, self.tokenizer.model_max_length)

@@ -331,7 +331,8 @@ class _Weights:
         base = self.base[key]
         if key not in concept.layers:
             return base
-        return base + concept.scale * concept.layers[key].delta().to(base)
+        # A DoRA layer's update is renormalised against the base weight, so it is computed from it.
+        return base + concept.scale * concept.layers[key].delta(base).to(base)
 
     @torch.no_grad()
     def set(self, key: str, weight: torch.Tensor) -> None:

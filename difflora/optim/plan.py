@@ -10,7 +10,9 @@ handful of shapes) costs little more than the arithmetic itself
   ``.grad``, safetensors see no difference), but every Gram matrix of a bucket is then one
   batched matmul over the buffer, with no stacking copy. A parameter whose storage is later
   replaced (``model.to(...)``, ``load_state_dict(assign=True)``) is noticed on the next step and
-  the plan is rebuilt. Pass ``flatten=False`` to leave the parameters' storage alone.
+  the plan is rebuilt. Pass ``flatten=False`` to leave the parameters' storage alone. One
+  visible difference: ``torch.save`` of some of the factors writes the whole buffers they live in
+  (torch saves storages); safetensors, and every file difflora writes, holds only the tensors.
 * **One inverse per rank.** The Gram matrices of all buckets with the same ``r``, compute dtype and
   device sit in one tensor: one Cholesky call for all of them.
 * **Products.** Small gradients are stacked into a reused buffer for one batched product; large

@@ -414,3 +414,34 @@ def test_config_refuses_nan_max_grad_norm():
     with pytest.raises(UserError, match="--max_grad_norm must be a finite number"):
         edlora.EDLoRAConfig(pretrained_model_name_or_path="m", instance_data_dir="d", initializer="rand+rand",
                             max_grad_norm=math.nan).validate()
+
+
+def test_dora_concept_trains_and_fuses_against_the_base_weight(tiny_sd, tmp_path):
+    """ED-LoRA with --use_dora: the concept file keeps the magnitudes, and fusing it alone (average
+    of one concept) writes exactly W0 + its renormalised DoRA update, not the plain B A update."""
+    from diffusers import StableDiffusionPipeline
+
+    from difflora.lora_io import live_path, lora_deltas, module_names
+
+    out = tmp_path / "star"
+    cli_main(_train_args(tiny_sd, ASSETS / "checkered_star", out, "<star1>+<star2>", "--use_dora",
+                         "--max_train_steps", "2", init="rand+star", placeholder="sks"))
+    data = edlora.load_edlora(out)
+    assert any("lora_magnitude_vector" in k for k in data.lora)
+    concepts = tmp_path / "concepts.yaml"
+    concepts.write_text(f"- lora: {out}\n")
+    fused = tmp_path / "fused"
+    cli_main(["fuse", "--concepts", str(concepts), "--pretrained_model_name_or_path", str(tiny_sd),
+              "--output_dir", str(fused), "--method", "average", "--sample_steps", "1",
+              "--prompt_templates", "a photo of {}"])
+    base = _base(tiny_sd)
+    layers = lora_deltas(data.lora, module_names(base), metadata=data.metadata["header"])
+    key = next(k for k, v in layers.items() if k.startswith("unet.") and v.magnitude is not None)
+    path = key.partition(".")[2]
+    w0 = base.unet.get_submodule(path).weight.detach()
+    got = StableDiffusionPipeline.from_pretrained(fused, safety_checker=None, requires_safety_checker=False) \
+        .unet.get_submodule(live_path(base.unet, path)).weight.detach()
+    layer = layers[key]
+    torch.testing.assert_close(got, w0 + layer.delta(w0), rtol=1e-5, atol=1e-6)
+    plain = w0 + layer.scale * layer.up.float() @ layer.down.float()
+    assert (got - plain).abs().max() > 1e-4  # the magnitude mattered

@@ -9,8 +9,6 @@ from diffusers import StableDiffusionPipeline
 from torch import nn
 
 from difflora.config import parse_config
-from difflora.errors import UserError
-from difflora.mix_of_show import edlora
 from difflora.models import add_lora
 from difflora.optim import build_optimizer
 from difflora.train.dreambooth import DreamBoothConfig, train
@@ -89,9 +87,3 @@ def test_dreambooth_dora_trains_the_magnitude_and_stock_diffusers_reproduces_it(
     assert (trained - before).abs().max() > 1e-4
     pipe.load_lora_weights(tmp_path / "out")  # stock diffusers, default file name (magnitudes included)
     torch.testing.assert_close(unet_out(pipe.unet), trained, rtol=1e-5, atol=1e-5)
-
-
-def test_edlora_refuses_dora(tiny_sd, tmp_path):
-    with pytest.raises(UserError, match="use_dora"):
-        parse_config(edlora.EDLoRAConfig, ["--pretrained_model_name_or_path", str(tiny_sd), "--instance_data_dir",
-                                           str(tmp_path), "--use_dora", "--output_dir", str(tmp_path / "o")])
