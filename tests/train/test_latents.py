@@ -51,3 +51,26 @@ def test_pixels_that_can_change_are_never_kept():
     for k in range(3):
         source([crops.draw(k)], 0, [k])
     assert calls == [1, 1, 1]
+
+
+def test_kept_posteriors_stay_under_the_memory_budget(monkeypatch):
+    """Past the budget images are encoded every time, and their latents are the kept ones' bits."""
+    import difflora.train.engine as engine
+
+    vae = _vae()
+    images = ImageSet([], ["p"] * 3, 16, images=_images(3, (16, 16)), seed=3)
+    batches = [[2 * step, 2 * step + 1] for step in range(4)]
+    unlimited = LatentSource(vae, seed=5, cache=False, reuse=[True])
+    want = [unlimited([images.draw(k, 2) for k in ks], 0, ks) for ks in batches]
+    one = sum(t.numel() * t.element_size() for t in next(iter(unlimited._posteriors.values())))
+    monkeypatch.setattr(engine, "KEEP_POSTERIOR_BYTES", one)  # room for one image
+    calls = []
+    vae.encoder.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    budget = LatentSource(vae, seed=5, cache=False, reuse=[True])
+    got = [budget([images.draw(k, 2) for k in ks], 0, ks) for ks in batches]
+    assert len(budget._posteriors) == 1 and budget._kept_bytes == one
+    draws = [images.draw(k, 2).pixel_values for ks in batches for k in ks]
+    repeats_of_kept = sum(torch.equal(d, draws[0]) for d in draws) - 1  # the first image met is kept
+    assert repeats_of_kept > 0 and len(calls) == len(draws) - repeats_of_kept
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
