@@ -81,7 +81,6 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._pairs = None
         self._plan = None
-        self.__dict__.pop("_lists_cache", None)  # subclasses' per-step lists hold the old state
 
     def _pairing(self) -> list[FactorPair]:
         key = tuple(tuple(map(id, g["params"])) for g in self.param_groups)

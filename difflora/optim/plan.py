@@ -65,25 +65,25 @@ class _Bucket:
     def count(self) -> int:
         return len(self.ks)
 
-    def gram_into(self, dst: Tensor, left: bool, factors: Sequence[Tensor]) -> None:
-        """``dst[i] = B_i^T B_i`` (``left``; ``factors`` are the B's) or ``A_i A_i^T``."""
-        buf = self.b_buf if left else self.a_buf
+    def gram_into(self, dst: Tensor, left: bool, all_factors: Sequence[Tensor]) -> None:
+        """``dst[i] = B_i^T B_i`` (``left``; ``all_factors`` are every pair's B) or ``A_i A_i^T``."""
+        buf = self.b_buf if left else self.a_buf  # flattened: the factors themselves, nothing to gather
         if buf is None and self.stack_factors:
-            name = "b" if left else "a"
-            shaped = [self._as_matrix(f, left) for f in factors]
-            buf = torch.stack(shaped, out=self.stacks[name])
+            shaped = [self._as_matrix(all_factors[k], left) for k in self.ks]
+            buf = torch.stack(shaped, out=self.stacks["b" if left else "a"])
         if buf is not None:
             f = buf.to(self.cdtype)
             torch.bmm(f.transpose(1, 2), f, out=dst) if left else torch.bmm(f, f.transpose(1, 2), out=dst)
             return
-        for i, f in enumerate(factors):
-            f = self._as_matrix(f, left).to(self.cdtype)
+        for i, k in enumerate(self.ks):
+            f = self._as_matrix(all_factors[k], left).to(self.cdtype)
             torch.mm(f.T, f, out=dst[i]) if left else torch.mm(f, f.T, out=dst[i])
 
-    def multiply_into(self, inv: Tensor, grads: Sequence[Tensor], for_a: bool) -> None:
-        """``out_a[i] = P_i g_i`` (``for_a``) or ``out_b[i] = g_i P_i``, computed in ``cdtype``."""
+    def multiply_into(self, inv: Tensor, all_grads: Sequence[Tensor | None], for_a: bool) -> None:
+        """``out_a[i] = P_i g_i`` (``for_a``; ``all_grads`` are every pair's g_A) or ``out_b[i] = g_i P_i``,
+        computed in ``cdtype``."""
         dst = self.out_a if for_a else self.out_b
-        shaped = [self._as_matrix(g, not for_a) for g in grads]
+        shaped = [self._as_matrix(all_grads[k], not for_a) for k in self.ks]  # type: ignore[arg-type]
         stack = self.stacks.get("ga" if for_a else "gb")
         if stack is not None:
             triples = [(inv, torch.stack(shaped, out=stack).to(self.cdtype), dst)]
@@ -213,16 +213,13 @@ class PreconditionPlan:
         for grp in self.groups:
             regs: list[float] = []
             for bk, for_a, off in grp.members:
-                ks = bk.ks
-                factors = [b_params[k] for k in ks] if for_a else [a_params[k] for k in ks]
-                bk.gram_into(grp.gram[off:off + bk.count], for_a, factors)
-                regs += [a_regs[k] for k in ks] if for_a else [b_regs[k] for k in ks]
+                bk.gram_into(grp.gram[off:off + bk.count], for_a, b_params if for_a else a_params)
+                pair_regs = a_regs if for_a else b_regs
+                regs += [pair_regs[k] for k in bk.ks]
             inv = _pc.damped_inverse(grp.gram, _pc.reg_values(regs, grp.gram.device))
             for bk, for_a, off in grp.members:
-                ks = bk.ks
-                grads = [a_grads[k] for k in ks] if for_a else [b_grads[k] for k in ks]
-                bk.multiply_into(inv[off:off + bk.count], grads, for_a)  # type: ignore[arg-type]
+                bk.multiply_into(inv[off:off + bk.count], a_grads if for_a else b_grads, for_a)
                 out, views = (out_a, bk.out_a_list) if for_a else (out_b, bk.out_b_list)
-                for k, t in zip(ks, views):
+                for k, t in zip(bk.ks, views):
                     out[k] = t
         return out_a, out_b

@@ -214,22 +214,25 @@ class ScaledAdamW(PreconditionedOptimizer):
 
     def _cached_lists(self, group: dict[str, Any], grads: list[Tensor | None]) -> tuple[list, ...]:
         """:meth:`_collect` for the fused path, remembered between steps (rebuilding the lists cost
-        ~0.4 ms per step for an SD1.5 LoRA). Valid while the group's parameter list, the state
+        ~0.3 ms per step for an SD1.5 LoRA). Valid while the group's parameter list, the state
         dict (``load_state_dict`` replaces it) and its size, and which gradients are present (with
-        their dtypes and layouts) are unchanged."""
+        their dtypes and layouts) are unchanged. The entry holds the list and the dict, so their
+        ids cannot be reused while it is kept."""
         present = tuple(None if g is None else (g.dtype, g.layout) for g in grads)
-        key = (group["params"], self.state, len(self.state), present, group["amsgrad"])
         cache = self.__dict__.setdefault("_lists_cache", {})
         hit = cache.get(id(group))
-        if hit is not None:
-            (plist, state, size, was_present, amsgrad), lists = hit
-            if (plist is key[0] and state is key[1] and size == key[2] and was_present == present
-                    and amsgrad == key[4]):
-                return lists
+        if hit is not None and hit[0] == self._lists_key(group, present):
+            return hit[2]
         lists = self._collect(group, grads, fused=True)
-        key = (group["params"], self.state, len(self.state), present, group["amsgrad"])
-        cache[id(group)] = (key, lists)
+        cache[id(group)] = (self._lists_key(group, present), (group["params"], self.state), lists)
         return lists
+
+    def _lists_key(self, group: dict[str, Any], present: tuple) -> tuple:
+        return id(group["params"]), id(self.state), len(self.state), present, group["amsgrad"]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.__dict__.pop("_lists_cache", None)  # the cached lists hold the old state's tensors
 
 
 _ONE = torch.tensor(1.0)

@@ -111,62 +111,63 @@ def latent_mask(masks: list[torch.Tensor], size: tuple[int, int] | torch.Size) -
 
 
 class LatentSource:
-    """Latents of drawn examples: encoded every time, or once per image when cached.
-
-    ``cache`` (``--cache_latents``): one VAE sample per image, drawn from a generator keyed by
-    (seed, stream, image content), not by the example number that first met the image: a resumed
-    run starts with an empty cache and must draw the same sample the uninterrupted run drew
-    epochs earlier.
+    """Latents of drawn examples: each image's VAE posterior kept where that is safe, else encoded.
 
     ``reuse[stream]``: that stream's images always give the same pixels (no flips, crops with no
     freedom: :attr:`ImageSet.fixed_pixels`), so the VAE's posterior (mean, std) of each image is
     kept and only the sample is drawn per example, with the example's own generator as without
-    reuse: the same draws without the VAE in the loop. Each image is encoded alone and its
-    posterior sampled on the CPU, whether it is kept or not (kept ones live in CPU memory, up to
-    :data:`KEEP_POSTERIOR_BYTES`; later images are encoded every time), so a latent never depends
-    on which images shared its first batch or were kept first (a resumed run keeps bits).
+    reuse: the same draws without the VAE in the loop.
+
+    ``cache`` (``--cache_latents``, which implies centre crops): one sample per image, drawn from a
+    generator keyed by (seed, stream, image content), not by the example number that first met
+    the image: a resumed run starts with nothing kept and must draw the same sample the
+    uninterrupted run drew epochs earlier.
+
+    Kept posteriors live in CPU memory, up to :data:`KEEP_POSTERIOR_BYTES`; images met after that
+    are encoded every time. Either way each image is encoded alone and sampled on the CPU, so a
+    latent never depends on which images shared its first batch or were kept first (a resumed
+    run keeps bits).
     """
 
     def __init__(self, vae: nn.Module, seed: int, cache: bool, reuse: list[bool] | None = None):
         self.vae, self.seed, self.cache = vae, seed, cache
         self.reuse = list(reuse or [])
-        self._cached: dict[tuple[int, tuple[int, ...], bytes], torch.Tensor] = {}
         self._posteriors: dict[tuple[int, tuple[int, ...], bytes], tuple[torch.Tensor, torch.Tensor]] = {}
         self._kept_bytes = 0
+
+    def __call__(self, examples: list[Example], stream: int, ks: list[int]) -> torch.Tensor:
+        pixels = torch.stack([e.pixel_values for e in examples])
+        if not self.cache and not (stream < len(self.reuse) and self.reuse[stream]):
+            return encode_images(self.vae, pixels, [example_generator(self.seed, stream, k) for k in ks])
+        keys, means, stds = [], [], []
+        for px in pixels:
+            key = self._key(stream, px)
+            mean, std = self._posterior(key, px)
+            keys.append(key)
+            means.append(mean)
+            stds.append(std)
+        if self.cache:
+            gens = [example_generator(self.seed, CACHE_STREAM + stream, int.from_bytes(key[2][:4], "big"))
+                    for key in keys]
+        else:
+            gens = [example_generator(self.seed, stream, k) for k in ks]
+        return sample_latents(self.vae, torch.cat(means), torch.cat(stds), gens)
 
     @staticmethod
     def _key(stream: int, px: torch.Tensor) -> tuple[int, tuple[int, ...], bytes]:
         digest = hashlib.sha256(px.detach().cpu().contiguous().numpy().tobytes()).digest()
         return stream, tuple(px.shape), digest  # the shape too: buckets of equal area, same bytes
 
-    def __call__(self, examples: list[Example], stream: int, ks: list[int]) -> torch.Tensor:
-        pixels = torch.stack([e.pixel_values for e in examples])
-        if self.cache:
-            out = []
-            for px in pixels:
-                key = self._key(stream, px)
-                if key not in self._cached:
-                    gen = example_generator(self.seed, CACHE_STREAM + stream, int.from_bytes(key[2][:4], "big"))
-                    self._cached[key] = encode_images(self.vae, px[None], [gen])[0]
-                out.append(self._cached[key])
-            return torch.stack(out)
-        gens = [example_generator(self.seed, stream, k) for k in ks]
-        if stream < len(self.reuse) and self.reuse[stream]:
-            parts = []
-            for px in pixels:
-                key = self._key(stream, px)
-                found = self._posteriors.get(key)
-                if found is None:
-                    found = tuple(t.cpu() for t in posterior(self.vae, px[None]))
-                    size = sum(t.numel() * t.element_size() for t in found)
-                    if self._kept_bytes + size <= KEEP_POSTERIOR_BYTES:
-                        self._posteriors[key] = found
-                        self._kept_bytes += size
-                parts.append(found)
-            mean = torch.cat([m for m, _ in parts])
-            std = torch.cat([s for _, s in parts])
-            return sample_latents(self.vae, mean, std, gens)
-        return encode_images(self.vae, pixels, gens)
+    def _posterior(self, key: tuple[int, tuple[int, ...], bytes], px: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The image's posterior (on the CPU), kept while the memory budget allows."""
+        found = self._posteriors.get(key)
+        if found is None:
+            found = tuple(t.cpu() for t in posterior(self.vae, px[None]))
+            size = sum(t.numel() * t.element_size() for t in found)
+            if self._kept_bytes + size <= KEEP_POSTERIOR_BYTES:
+                self._posteriors[key] = found
+                self._kept_bytes += size
+        return found
 
 
 # ------------------------------------------------------------------------------------------------
